@@ -1,0 +1,192 @@
+"""Structured configs: the schema every composed Hydra config is checked against.
+
+Hydra rejects unknown keys and wrong types when it composes the config (these dataclasses are
+registered as the schema); `validate` then checks ranges and cross-field rules, so a bad value
+fails with a message naming the key and the fix before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class TeacherConfig:
+    # `_target_` node returning the teacher's Hugging Face folder, e.g. distill.models.resolve_model
+    model: Any = MISSING
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    attn_implementation: str = "auto"  # auto = flash_attention_2 when installed on GPU, else sdpa
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    threads: int = 1  # torch intra-op threads inside each teacher actor (CPU)
+
+
+@dataclass
+class StudentConfig:
+    # `_target_` node returning the student's initial Hugging Face folder
+    model: Any = MISSING
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    _target_: str = "distill.losses.DistillationLoss"
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    tail: str = "bucket"
+    beta: float = 0.5
+    alpha: float = 0.1
+    chunk_size: int = 1024
+    schedule: Any = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "pydoc_topics"  # a builtin corpus name, or a path to .txt / .jsonl / .parquet (file or folder)
+    format: str = "auto"  # auto | text | jsonl | parquet
+    text_field: str = "text"
+    seq_len: int = 256
+    heldout_fraction: float = 0.1
+    max_train_sequences: int | None = None
+    heldout_sequences: int = 16
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    zero_stage: int = 2
+    num_ranks: int = 2  # data-parallel student ranks launched locally (Slurm: one per task)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 10
+    max_steps: int = 100
+    stop_at_step: int | None = None  # end this job early (checkpoint first); the schedule still spans max_steps
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    resume: str = "off"  # off | latest (must exist) | auto (if one exists)
+    eval_every: int = 50
+    log_every: int = 5
+    threads_per_rank: int = 1
+    seed: int = 0
+    dist_backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+
+
+@dataclass
+class StreamConfig:
+    topk: int = 64
+    prefetch: int = 2
+    values_dtype: str = "float16"  # float16 | bfloat16 | float32
+    timeout_s: float = 600.0
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    project: str = "distill"
+    mode: str = "offline"  # offline | online | disabled
+    group: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray runtime in-process; "auto" or host:port joins one
+    num_cpus: int | None = None
+    namespace: str = "distill"  # teacher actors are named <run tag>/teacher-<i> inside it
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: str | None = None  # None: Hydra's output directory
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks every composed config against it."""
+    ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not supported; choose one of {', '.join(map(str, allowed))}.")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-field checks that types alone cannot express."""
+    t, s, d, st = cfg.trainer, cfg.stream, cfg.data, cfg.student
+    if st.model is MISSING or cfg.teacher.model is MISSING:
+        raise ConfigError("teacher.model and student.model must be set (pick teacher=... student=...).")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"trainer.zero_stage={t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
+    _choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _choice("trainer.optimizer", t.optimizer, ("adamw", "sgd"))
+    _choice("trainer.resume", str(t.resume), ("off", "latest", "auto"))
+    _choice("trainer.dist_backend", t.dist_backend, ("auto", "gloo", "nccl"))
+    for key in ("num_ranks", "max_steps", "micro_batch_size", "grad_accum_steps", "checkpoint_every",
+                "keep_checkpoints", "eval_every", "log_every", "threads_per_rank"):
+        _at_least(f"trainer.{key}", t[key], 1)
+    _at_least("trainer.warmup_steps", t.warmup_steps, 0)
+    if t.lr <= 0:
+        raise ConfigError(f"trainer.lr={t.lr} must be > 0.")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
+    if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
+        raise ConfigError(f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}].")
+    _at_least("stream.topk", s.topk, 1)
+    if s.prefetch < 1:
+        raise ConfigError(f"stream.prefetch={s.prefetch} must be >= 1 (1 = request one micro-batch ahead).")
+    _choice("stream.values_dtype", s.values_dtype, ("float16", "bfloat16", "float32"))
+    _at_least("stream.timeout_s", s.timeout_s, 1)
+    _at_least("data.seq_len", d.seq_len, 2)
+    _at_least("data.heldout_sequences", d.heldout_sequences, 1)
+    if not 0 < d.heldout_fraction < 1:
+        raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1.")
+    _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet"))
+    _at_least("teacher.replicas", cfg.teacher.replicas, 1)
+    _at_least("teacher.threads", cfg.teacher.threads, 1)
+    _choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
+    _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_run_config(run_dir) -> DictConfig:
+    """The resolved config a run directory was started with, re-checked against the schema."""
+    from pathlib import Path
+
+    saved = OmegaConf.load(Path(run_dir) / "config.yaml")
+    cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), saved)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,46 @@
+"""Build the run's train / held-out token arrays once, in the driver, before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.data.corpus import DataError, load_documents, split_documents
+from distill.data.packing import PackedDataset, pack_documents
+
+
+def prepare_datasets(data_cfg, tokenizer, out_dir: Path, num_ranks: int, global_batch: int) -> None:
+    """Write `train.npy` and `heldout.npy` under `out_dir`.
+
+    Re-running on an existing run directory (a resume) must see the same data: a changed corpus or
+    tokenizer is an error instead of silently training on different sequences.
+    """
+    docs = load_documents(data_cfg.source, data_cfg.format, data_cfg.text_field)
+    train_docs, heldout_docs = split_documents(docs, data_cfg.heldout_fraction, data_cfg.seed)
+    train = pack_documents(train_docs, tokenizer, data_cfg.seq_len, what="training split")
+    heldout = pack_documents(heldout_docs, tokenizer, data_cfg.seq_len, what="held-out split")
+    if data_cfg.max_train_sequences:
+        train = PackedDataset(train.tokens[: data_cfg.max_train_sequences])
+    if len(train) < global_batch:
+        raise DataError(
+            f"the training split packs into {len(train)} sequences of {data_cfg.seq_len} tokens, fewer than one "
+            f"global batch ({global_batch}); add text, lower data.seq_len or shrink the batch."
+        )
+    n_eval = min(data_cfg.heldout_sequences, len(heldout)) // num_ranks * num_ranks
+    if n_eval == 0:
+        raise DataError(
+            f"the held-out split packs into {len(heldout)} sequence(s), fewer than the {num_ranks} ranks that "
+            f"evaluate it; raise data.heldout_fraction or lower data.seq_len."
+        )
+    heldout = PackedDataset(heldout.tokens[:n_eval])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, dataset in (("train", train), ("heldout", heldout)):
+        path = out_dir / f"{name}.npy"
+        if path.exists():
+            if PackedDataset.load(path).digest() != dataset.digest():
+                raise DataError(
+                    f"{path} was built from different data than the current data config / tokenizer; a resumed "
+                    f"run must train on the same data (restore the original data settings or use a new run dir)."
+                )
+        else:
+            dataset.save(path)

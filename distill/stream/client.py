@@ -1,0 +1,87 @@
+"""The student side of the teacher stream.
+
+A rank knows which micro-batches it will train on next (the sampler is a pure function of the
+step), so it asks the teacher for up to `prefetch` of them before it needs them: teacher compute
+overlaps student compute, and at most `prefetch` requests per rank are ever in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from distill.teacher.actor import TeacherOutput
+
+
+class TeacherStreamError(RuntimeError):
+    pass
+
+
+@dataclass
+class StreamStats:
+    """Counters for logging: how long the student waited and how much crossed the wire."""
+
+    wait_s: float = 0.0
+    bytes: int = 0
+    tokens: int = 0
+    requests: int = 0
+
+    def reset(self) -> None:
+        self.wait_s, self.bytes, self.tokens, self.requests = 0.0, 0, 0, 0
+
+
+class TeacherStream:
+    def __init__(self, actors: list, topk: int, prefetch: int, values_dtype: str, timeout_s: float):
+        if prefetch < 1:
+            raise ValueError(f"prefetch={prefetch} must be >= 1")
+        self.actors, self.topk, self.prefetch = actors, topk, prefetch
+        self.values_dtype, self.timeout_s = values_dtype, timeout_s
+        self.stats = StreamStats()
+        self._ids = itertools.count()
+
+    def _submit(self, input_ids: np.ndarray) -> tuple[int, Any]:
+        request_id = next(self._ids)
+        actor = self.actors[request_id % len(self.actors)]  # round-robin over replicas
+        return request_id, actor.topk.remote(request_id, input_ids, self.topk, self.values_dtype)
+
+    def _receive(self, request_id: int, ref) -> TeacherOutput:
+        start = time.perf_counter()
+        try:
+            out: TeacherOutput = ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise TeacherStreamError(
+                f"teacher gave no answer to request {request_id} in {self.timeout_s:.0f} s "
+                f"(stream.timeout_s); is the teacher pool alive and large enough?"
+            ) from e
+        self.stats.wait_s += time.perf_counter() - start
+        if out.request_id != request_id:
+            raise TeacherStreamError(f"reply {out.request_id} arrived for request {request_id}")
+        self.stats.bytes += out.nbytes
+        self.stats.tokens += out.indices.shape[0] * out.indices.shape[1]
+        self.stats.requests += 1
+        return out
+
+    def stream(self, batches: Iterable[Any], input_ids_of) -> Iterator[tuple[Any, TeacherOutput]]:
+        """Yield (batch, teacher output) in order, keeping up to `prefetch` requests in flight."""
+        pending: deque = deque()
+        source = iter(batches)
+        for batch in itertools.islice(source, self.prefetch):
+            pending.append((batch, *self._submit(input_ids_of(batch))))
+        while pending:
+            batch, request_id, ref = pending.popleft()
+            out = self._receive(request_id, ref)
+            nxt = next(source, None)
+            if nxt is not None:
+                pending.append((nxt, *self._submit(input_ids_of(nxt))))
+            yield batch, out
+
+    def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
+        """Full-vocabulary teacher log-probs (evaluation only)."""
+        return ray.get(self.actors[0].full_log_probs.remote(input_ids), timeout=self.timeout_s)

@@ -1,0 +1,1 @@
+"""Student engine: DeepSpeed ZeRO training, atomic checkpoints, export."""

@@ -1,0 +1,182 @@
+"""One student rank of an online distillation run: the training loop.
+
+Started once per rank by `launch.train` (locally) or by `srun` (Slurm) with RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set, it reads the run's resolved config from the run directory, joins the
+Ray cluster to reach the teacher actors, and trains the student with DeepSpeed:
+
+    for each optimizer step:
+        normaliser = counted tokens of the whole global batch (all ranks, all micro-batches)
+        for each micro-batch (teacher output already requested `prefetch` micro-batches ahead):
+            loss = Σ_tokens per-token loss / normaliser     -> mean over the global batch
+            backward, step (DeepSpeed accumulates and steps at the boundary)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+
+from distill.config import load_run_config
+from distill.data import PackedDataset, StepSampler
+from distill.eval import evaluate
+from distill.models import load_causal_lm, load_tokenizer
+from distill.stream import TeacherStream
+from distill.student import checkpoint
+from distill.student.engine import build_engine, export_pretrained, init_distributed
+from distill.teacher import TeacherPool, connect_ray
+from distill.tracking import Progress, RunLogger
+
+log = logging.getLogger("distill")
+
+
+def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    """labels[t] = ids[t + 1]; the last position has no target (-100) but still gets the teacher's KD."""
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
+
+
+def global_token_count(num_tokens: int) -> float:
+    count = torch.tensor([float(num_tokens)], dtype=torch.float64)
+    dist.all_reduce(count)
+    return count.item()
+
+
+def main(run_dir: Path) -> None:
+    cfg = load_run_config(run_dir)
+    models = json.loads((run_dir / "models.json").read_text())
+    t = cfg.trainer
+    rank, world = init_distributed(t.dist_backend)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    torch.set_num_threads(t.threads_per_rank)
+    quiet_libraries()
+    torch.manual_seed(t.seed)
+
+    connect_ray(os.environ.get("DISTILL_RAY_ADDRESS", cfg.ray.address), os.environ["DISTILL_RAY_NAMESPACE"])
+    teacher = TeacherPool.attach(os.environ["DISTILL_RUN_TAG"], cfg.teacher.replicas)
+    stream = TeacherStream(teacher.actors, cfg.stream.topk, cfg.stream.prefetch, cfg.stream.values_dtype,
+                           cfg.stream.timeout_s)
+
+    train = PackedDataset.load(run_dir / "data" / "train.npy")
+    heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]
+    tokenizer = load_tokenizer(models["student"])
+    model = load_causal_lm(models["student"], dtype="float32")
+    if cfg.student.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    loss_fn = instantiate(cfg.loss)
+    engine = build_engine(model, t, world)
+    device = engine.device
+    sampler = StepSampler(len(train), t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed)
+
+    ckpt_root = run_dir / "checkpoints"
+    start_step = 0
+    resume_from = os.environ.get("DISTILL_RESUME_FROM")
+    if resume_from:
+        start_step = checkpoint.load(engine, Path(resume_from))["step"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
+    logger = RunLogger(run_dir, cfg.logger, json.loads(json.dumps(cfg_dict(cfg))), enabled=rank == 0)
+
+    def run_eval(step: int) -> dict:
+        metrics = evaluate(engine.module, heldout, stream.full_log_probs, t.micro_batch_size)
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        if rank == 0:
+            log.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    if start_step == 0:
+        run_eval(0)
+
+    stop = t.stop_at_step or t.max_steps
+    scale = world * t.grad_accum_steps  # DeepSpeed averages over ranks and accumulation steps; undo it
+    micro_batches = ((step, idx) for step in range(start_step, stop) for idx in sampler.micro_batches(step))
+    progress = Progress(t.max_steps, start_step, t.log_every)
+    sums: dict[str, float] = {}
+    step_start, wait_start, normaliser = time.perf_counter(), stream.stats.wait_s, 0.0
+    for i, ((step, idx), teacher_out) in enumerate(stream.stream(micro_batches, lambda mb: train.tokens[mb[1]])):
+        if i % t.grad_accum_steps == 0:
+            normaliser = global_token_count(len(idx) * train.seq_len * t.grad_accum_steps)
+        ids = torch.from_numpy(train.tokens[idx].astype(np.int64)).to(device)
+        values, indices = (x.to(device) for x in teacher_out.tensors())
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        logits = engine(input_ids=ids).logits
+        out = loss_fn(logits, values, indices, next_token_labels(ids), mask, normaliser, step=step)
+        engine.backward(out.loss * scale)
+        engine.step()
+        for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        if (i + 1) % t.grad_accum_steps:
+            continue
+
+        # ---- optimizer step `step` done: log, evaluate, checkpoint ----
+        done = step + 1
+        elapsed = time.perf_counter() - step_start
+        waited = stream.stats.wait_s - wait_start
+        totals = torch.tensor([sums.pop("loss"), elapsed, waited, *sums.values()], dtype=torch.float64)
+        dist.all_reduce(totals)
+        loss_sum, elapsed_sum, waited_sum, *rest = totals.tolist()
+        reduced = dict(zip(sums, rest))
+        tokens = reduced.get("tokens", normaliser)
+        metrics = {
+            "train/loss": loss_sum,  # sparse top-k estimate (biased low); eval/kl is the exact one
+            "train/lr": engine.get_lr()[0],
+            "train/tokens_per_s": normaliser / (elapsed_sum / world),
+            "stream/wait_fraction": waited_sum / elapsed_sum,
+            "stream/bytes_per_token": stream.stats.bytes / max(1, stream.stats.tokens),
+        }
+        for key, value in reduced.items():
+            if key.endswith("_sum"):
+                metrics[f"train/{key[:-4]}"] = value / tokens
+        logger.log(done, metrics)
+        if rank == 0:
+            progress.update(done, metrics)
+        sums, step_start, wait_start = {}, time.perf_counter(), stream.stats.wait_s
+
+        if done % t.eval_every == 0 and done != t.max_steps:
+            run_eval(done)
+        if done % t.checkpoint_every == 0 or done == stop:
+            path = checkpoint.save(engine, ckpt_root, done, {"step": done}, t.keep_checkpoints)
+            if rank == 0:
+                log.info("checkpoint saved: %s", path)
+
+    if stop == t.max_steps:
+        final = run_eval(t.max_steps)
+        export_pretrained(engine, tokenizer, run_dir / "student")
+        if rank == 0:
+            log.info("exported student: %s", run_dir / "student")
+            logger.finish({f"final/{k}": v for k, v in final.items()})
+    elif rank == 0:
+        log.info("stopped at step %d of %d (trainer.stop_at_step); resume with trainer.resume=latest", stop,
+                 t.max_steps)
+        logger.finish()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our progress lines: no per-file load bars, no upstream deprecation notes."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def cfg_dict(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,189 @@
+"""Online distillation: `python -m launch.train [group=option ...] [key=value ...]`.
+
+The driver checks everything that can be checked cheaply (config, model folders, vocabularies, data,
+resume target) before any model is loaded, then starts the Ray teacher pool, launches the DeepSpeed
+student ranks (`launch.student`), waits for them and prints the run's summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config import ConfigError, register_configs, validate
+from distill.data import prepare_datasets
+from distill.models import load_tokenizer, vocab_size
+from distill.student import checkpoint
+from distill.teacher import TeacherPool, connect_ray
+
+log = logging.getLogger("distill")
+register_configs()
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RankFailure(RuntimeError):
+    pass
+
+
+def build(node):
+    """`hydra.utils.instantiate`, surfacing our own error (which names the fix) instead of Hydra's wrapper."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ValueError | OSError):
+            raise e.__cause__ from None
+        raise
+
+
+def resolve_resume(mode: str, ckpt_root: Path) -> Path | None:
+    """The checkpoint to resume from, verified, or None for a fresh start."""
+    if mode == "off":
+        return None
+    found = checkpoint.latest(ckpt_root)
+    if found is None:
+        if mode == "latest":
+            raise ConfigError(
+                f"trainer.resume=latest but {ckpt_root} holds no checkpoint; run without it to start fresh "
+                f"(or point hydra.run.dir / run_dir at the run to resume)."
+            )
+        return None
+    checkpoint.verify(found)
+    return found
+
+
+def prepare(cfg: DictConfig, run_dir: Path) -> dict:
+    """Everything that fails fast: returns what the ranks need, written into the run directory."""
+    validate(cfg)
+    build(cfg.loss)  # the loss validates its own arguments
+    resume_from = resolve_resume(str(cfg.trainer.resume), run_dir / "checkpoints")
+    teacher_dir, student_dir = str(build(cfg.teacher.model)), str(build(cfg.student.model))
+    teacher_vocab, student_vocab = vocab_size(teacher_dir), vocab_size(student_dir)
+    if teacher_vocab != student_vocab:
+        raise ConfigError(
+            f"teacher vocabulary ({teacher_vocab} tokens, {teacher_dir}) differs from the student's "
+            f"({student_vocab} tokens, {student_dir}); online top-k distillation needs one shared tokenizer."
+        )
+    if cfg.stream.topk > teacher_vocab:
+        raise ConfigError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({teacher_vocab}).")
+    t = cfg.trainer
+    prepare_datasets(cfg.data, load_tokenizer(student_dir), run_dir / "data", num_ranks=t.num_ranks,
+                     global_batch=t.micro_batch_size * t.grad_accum_steps * t.num_ranks)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    models = {"teacher": teacher_dir, "student": student_dir}
+    (run_dir / "models.json").write_text(json.dumps(models, indent=1))
+    return {"resume_from": resume_from, **models}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(run_dir: Path, num_ranks: int, ray_address: str, run_tag: str, resume_from: Path | None,
+                 namespace: str) -> None:
+    """Start one `launch.student` process per rank; if one fails, stop the others and raise."""
+    env = {**os.environ, "WORLD_SIZE": str(num_ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "DISTILL_RAY_ADDRESS": ray_address, "DISTILL_RAY_NAMESPACE": namespace, "DISTILL_RUN_TAG": run_tag,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    if resume_from is not None:
+        env["DISTILL_RESUME_FROM"] = str(resume_from)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "launch.student", str(run_dir)],
+                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+        for r in range(num_ranks)
+    ]
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed:
+                raise RankFailure(f"student rank {failed[0]} exited with code {procs[failed[0]].returncode}")
+            time.sleep(0.5)
+        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+        if failed:
+            raise RankFailure(f"student rank {failed[0]} exited with code {procs[failed[0]].returncode}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait()
+
+
+def summarize(run_dir: Path) -> dict:
+    """Before/after evaluation, throughput and the export path, from the run's metrics file."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/kl" in r]
+    train = [r for r in records if "train/tokens_per_s" in r]
+    summary = {
+        "before": {k[5:]: v for k, v in evals[0].items() if k.startswith("eval/")},
+        "after": {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")},
+        "steps": train[-1]["step"] if train else 0,
+        "tokens_per_s": sum(r["train/tokens_per_s"] for r in train) / max(1, len(train)),
+        "teacher_wait_fraction": sum(r["stream/wait_fraction"] for r in train) / max(1, len(train)),
+        "bytes_per_token": train[-1]["stream/bytes_per_token"] if train else 0.0,
+        "student": str(run_dir / "student") if (run_dir / "student").is_dir() else None,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    rows = [("held-out KL(teacher‖student)", "kl", "{:.4f}"), ("top-1 agreement", "top1_agreement", "{:.2%}"),
+            ("student perplexity", "ppl", "{:.2f}"), ("teacher perplexity", "teacher_ppl", "{:.2f}")]
+    print("\n" + "=" * 64)
+    print(f"{'metric':<32}{'before':>14}{'after':>14}")
+    print("-" * 64)
+    for label, key, fmt in rows:
+        print(f"{label:<32}{fmt.format(s['before'][key]):>14}{fmt.format(s['after'][key]):>14}")
+    print("-" * 64)
+    print(f"steps {s['steps']}  |  {s['tokens_per_s']:.0f} tokens/s  |  teacher wait "
+          f"{s['teacher_wait_fraction']:.0%}  |  {s['bytes_per_token']:.0f} bytes/token on the stream")
+    print(f"exported student: {s['student']}\nrun directory:    {s['run_dir']}")
+    print("=" * 64)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    run_dir = run_dir.resolve()
+    prepared = prepare(cfg, run_dir)
+    connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
+    import ray
+
+    tc = cfg.teacher
+    run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
+    pool = TeacherPool.start(run_tag, prepared["teacher"], tc.replicas, tc.dtype, tc.attn_implementation,
+                             tc.threads, tc.cpus_per_replica, tc.gpus_per_replica)
+    try:
+        launch_ranks(run_dir, cfg.trainer.num_ranks, ray.get_runtime_context().gcs_address, run_tag,
+                     prepared["resume_from"], cfg.ray.namespace)
+    finally:
+        pool.shutdown()
+    return summarize(run_dir)
+
+
+@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    summary = run(cfg, run_dir)
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

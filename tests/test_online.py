@@ -1,0 +1,133 @@
+"""End to end: `python -m launch.train` with a Ray teacher actor and DeepSpeed student ranks (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(teacher: Path, student: Path, run_dir: Path, *extra: str) -> list[str]:
+    """CLI overrides for a fast run on the tiny models; `extra` "key=value" items replace the defaults."""
+    settings = {
+        "run_dir": run_dir,
+        "teacher": "local", "teacher.model.name_or_path": teacher,
+        "student": "local", "student.model.name_or_path": student,
+        "logger": "none", "ray.num_cpus": 2,
+        "data.seq_len": 32, "data.heldout_sequences": 8, "data.max_train_sequences": 512,
+        "trainer.max_steps": 8, "trainer.micro_batch_size": 4, "trainer.warmup_steps": 1, "trainer.lr": 3e-3,
+        "trainer.eval_every": 4, "trainer.checkpoint_every": 4, "trainer.log_every": 1,
+        "stream.topk": 16,
+    }
+    settings.update(item.split("=", 1) for item in extra)
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def run_train(overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        print(proc.stdout[-6000:], proc.stderr[-6000:])
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def heldout_kl(teacher_dir: Path, student_dir: Path, heldout: np.ndarray) -> float:
+    """KL(teacher‖student) over the held-out tokens, recomputed outside the training processes."""
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    ids = torch.from_numpy(heldout.astype(np.int64))
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher(input_ids=ids).logits.double(), -1)
+        log_q = torch.log_softmax(student(input_ids=ids).logits.double(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_online_distillation_end_to_end(stage, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    run_dir = tmp_path / f"zero{stage}"
+    logger = ["logger=wandb", "logger.mode=offline"] if stage == 2 else []
+    proc = run_train(
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, f"trainer=zero{stage}", *logger,
+                       "trainer.max_steps=16", "trainer.eval_every=8", "trainer.lr=1e-2")
+    )
+    assert proc.returncode == 0
+    assert "held-out KL(teacher‖student)" in proc.stdout  # the summary table
+
+    records = metrics(run_dir)
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 16
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
+    evals = [r for r in records if "eval/kl" in r]
+    assert [r["step"] for r in evals] == [0, 8, 16]
+    assert evals[-1]["eval/kl"] < 0.8 * evals[0]["eval/kl"]
+    assert evals[-1]["eval/top1_agreement"] > evals[0]["eval/top1_agreement"]
+
+    # the exported student reloads and reproduces the logits it had at the end of training
+    heldout = np.load(run_dir / "data" / "heldout.npy")
+    assert heldout_kl(tiny_teacher_dir, run_dir / "student", heldout) == pytest.approx(
+        evals[-1]["eval/kl"], rel=1e-6
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["kl"] == evals[-1]["eval/kl"] and summary["student"] == str(run_dir / "student")
+    assert summary["bytes_per_token"] == 16 * (2 + 2)  # fp16 values + uint16 ids, k=16
+    if stage == 2:
+        assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run written"
+
+
+def test_loss_normalisation_is_invariant_to_the_split(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    """One SGD step on the same global batch (8 sequences) gives the same weights however it is split:
+    1 rank x 4 accumulation steps == 2 x 2 == 4 x 1."""
+    initial = load_file(str(tiny_student_dir / "model.safetensors"))
+    results = {}
+    for ranks, accum in [(1, 4), (2, 2), (4, 1)]:
+        run_dir = tmp_path / f"r{ranks}a{accum}"
+        proc = run_train(
+            tiny_overrides(
+                tiny_teacher_dir,
+                tiny_student_dir,
+                run_dir,
+                "trainer.optimizer=sgd",
+                "trainer.lr=1.0",
+                "trainer.warmup_steps=0",
+                "trainer.grad_clip=0",
+                "trainer.max_steps=1",
+                f"trainer.num_ranks={ranks}",
+                f"trainer.grad_accum_steps={accum}",
+                "trainer.micro_batch_size=2",
+                "loss.ce_weight=0.5",
+            )
+        )
+        assert proc.returncode == 0
+        weights = exported_weights(run_dir)
+        results[ranks, accum] = torch.cat(
+            [weights[k].flatten() - initial[k].flatten() for k in sorted(initial)]
+        )
+    reference = results[1, 4]
+    assert reference.abs().sum() > 1e-3  # the step really moved the weights
+    for split, update in results.items():
+        torch.testing.assert_close(update, reference, rtol=1e-4, atol=1e-6, msg=f"split {split}")
