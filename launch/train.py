@@ -145,7 +145,7 @@ def summarize(run_dir: Path) -> dict:
 
 def print_summary(s: dict) -> None:
     rows = [("held-out KL(teacher‖student)", "kl", "{:.4f}"), ("top-1 agreement", "top1_agreement", "{:.2%}"),
-            ("student perplexity", "ppl", "{:.2f}"), ("teacher perplexity", "teacher_ppl", "{:.2f}")]
+            ("student perplexity", "ppl", "{:.4g}"), ("teacher perplexity", "teacher_ppl", "{:.4g}")]
     print("\n" + "=" * 64)
     print(f"{'metric':<32}{'before':>14}{'after':>14}")
     print("-" * 64)

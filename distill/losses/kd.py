@@ -106,6 +106,14 @@ class DistillationLoss:
     generated text. T^2 keeps the gradient scale comparable across temperatures (Hinton et al.).
     `schedule` ramps kd_weight / ce_weight / temperature over optimizer steps (see `schedule.py`).
     `chunk_size` bounds the student logits `fused` materialises at once (chunk_size x V in fp32).
+
+    Inputs of both entry points: teacher_values [B, T, k] (the teacher's log-probs over its full
+    vocabulary at T=1, any float dtype) and teacher_indices [B, T, k] (any integer dtype); labels [B, T]
+    next-token targets already aligned with the positions, -100 = no CE target (None = no CE at all);
+    mask [B, T] bool, the positions that count (None = all): KD counts where mask, CE where mask and a
+    label; normaliser = counted tokens in the global batch (module docstring); step = optimizer step for
+    the schedule. Positions outside the mask are dropped before any computation, so their teacher data
+    may be padding or garbage.
     """
 
     def __init__(
@@ -327,7 +335,8 @@ class DistillationLoss:
     ) -> LossOutput:
         """Loss from full student logits [B, T, V] (any float dtype; computed in fp32).
 
-        Memory: holds several [counted tokens, V] fp32 tensors; prefer `fused` for training large vocabs.
+        Plain autograd, so also the reference for `fused`. Memory: several [counted tokens, V] fp32
+        tensors; prefer `fused` for training with large vocabularies.
         """
         z, values, idx, lab = self._rows(
             logits, teacher_values, teacher_indices, labels, mask, logits.shape[-1], normaliser, "logits"
