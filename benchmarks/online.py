@@ -20,12 +20,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(overrides: list[str]) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    settings = ["trainer.max_steps=12", "trainer.eval_every=1000", "trainer.checkpoint_every=1000",
-                "data.heldout_sequences=2", "logger=none", *overrides, f"run_dir={run_dir}"]
+    settings = [
+        "trainer.max_steps=12",
+        "trainer.eval_every=1000",
+        "trainer.checkpoint_every=1000",
+        "data.heldout_sequences=2",
+        "logger=none",
+        *overrides,
+        f"run_dir={run_dir}",
+    ]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "launch.train", *settings], cwd=ROOT, check=True,
-                   env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)},
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "launch.train", *settings],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/tokens_per_s" in r][2:]  # skip warm-up steps

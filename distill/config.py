@@ -53,7 +53,9 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "pydoc_topics"  # a builtin corpus name, or a path to .txt / .jsonl / .parquet (file or folder)
+    source: str = (
+        "pydoc_topics"  # a builtin corpus name, or a path to .txt / .jsonl / .parquet (file or folder)
+    )
     format: str = "auto"  # auto | text | jsonl | parquet
     text_field: str = "text"
     seq_len: int = 256
@@ -75,10 +77,13 @@ class TrainerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 10
     max_steps: int = 100
-    stop_at_step: int | None = None  # end this job early (checkpoint first); the schedule still spans max_steps
+    stop_at_step: int | None = (
+        None  # end this job early (checkpoint first); the schedule still spans max_steps
+    )
     micro_batch_size: int = 4
     grad_accum_steps: int = 1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = off
+    fused_loss: bool = True  # LM head + loss in token chunks: never the full [tokens x vocab] logits
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: str = "off"  # off | latest (must exist) | auto (if one exists)
@@ -152,8 +157,17 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.optimizer", t.optimizer, ("adamw", "sgd"))
     _choice("trainer.resume", str(t.resume), ("off", "latest", "auto"))
     _choice("trainer.dist_backend", t.dist_backend, ("auto", "gloo", "nccl"))
-    for key in ("num_ranks", "max_steps", "micro_batch_size", "grad_accum_steps", "checkpoint_every",
-                "keep_checkpoints", "eval_every", "log_every", "threads_per_rank"):
+    for key in (
+        "num_ranks",
+        "max_steps",
+        "micro_batch_size",
+        "grad_accum_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+        "log_every",
+        "threads_per_rank",
+    ):
         _at_least(f"trainer.{key}", t[key], 1)
     _at_least("trainer.warmup_steps", t.warmup_steps, 0)
     if t.lr <= 0:
@@ -161,7 +175,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1].")
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
-        raise ConfigError(f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}].")
+        raise ConfigError(
+            f"trainer.stop_at_step={t.stop_at_step} must be in [1, trainer.max_steps={t.max_steps}]."
+        )
     _at_least("stream.topk", s.topk, 1)
     if s.prefetch < 1:
         raise ConfigError(f"stream.prefetch={s.prefetch} must be >= 1 (1 = request one micro-batch ahead).")

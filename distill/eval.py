@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, sequences: np.ndarray, teacher_log_probs, micro_batch: int) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, sequences: np.ndarray, teacher_log_probs, micro_batch: int
+) -> dict[str, float]:
     """Metrics of `model` on this rank's `sequences` [N, T]; collective (every rank must call it).
 
     `teacher_log_probs(input_ids) -> np.ndarray [B, T, V]` returns full-vocabulary teacher log-probs.
@@ -33,8 +35,17 @@ def evaluate(model: torch.nn.Module, sequences: np.ndarray, teacher_log_probs, m
         labels = ids[:, 1:]
         nll = -log_q[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         teacher_nll = -log_p[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        sums += torch.tensor([kl.sum(), (log_p.argmax(-1) == log_q.argmax(-1)).sum(), kl.numel(),
-                              nll.sum(), teacher_nll.sum(), nll.numel()], dtype=torch.float64)
+        sums += torch.tensor(
+            [
+                kl.sum(),
+                (log_p.argmax(-1) == log_q.argmax(-1)).sum(),
+                kl.numel(),
+                nll.sum(),
+                teacher_nll.sum(),
+                nll.numel(),
+            ],
+            dtype=torch.float64,
+        )
     if dist.is_initialized():
         dist.all_reduce(sums)
     model.train(was_training)

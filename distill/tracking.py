@@ -33,8 +33,13 @@ class RunLogger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(
-                project=logger_cfg.project, group=logger_cfg.group, name=logger_cfg.name or run_dir.name,
-                mode=logger_cfg.mode, dir=str(run_dir), config=config, resume="allow",
+                project=logger_cfg.project,
+                group=logger_cfg.group,
+                name=logger_cfg.name or run_dir.name,
+                mode=logger_cfg.mode,
+                dir=str(run_dir),
+                config=config,
+                resume="allow",
                 id=_wandb_id(run_dir),
             )
 
@@ -79,6 +84,11 @@ class Progress:
         eta = elapsed / done * (self.total - step) if done else 0.0
         log.info(
             "step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | teacher wait %.0f%% | eta %s",
-            step, self.total, metrics["train/loss"], metrics["train/lr"], metrics["train/tokens_per_s"],
-            100 * metrics["stream/wait_fraction"], _fmt_duration(eta),
+            step,
+            self.total,
+            metrics["train/loss"],
+            metrics["train/lr"],
+            metrics["train/tokens_per_s"],
+            100 * metrics["stream/wait_fraction"],
+            _fmt_duration(eta),
         )

@@ -33,6 +33,7 @@ from distill.models import load_causal_lm, load_tokenizer
 from distill.stream import TeacherStream
 from distill.student import checkpoint
 from distill.student.engine import build_engine, export_pretrained, init_distributed
+from distill.student.objective import StudentObjective
 from distill.teacher import TeacherPool, connect_ray
 from distill.tracking import Progress, RunLogger
 
@@ -57,16 +58,21 @@ def main(run_dir: Path) -> None:
     models = json.loads((run_dir / "models.json").read_text())
     t = cfg.trainer
     rank, world = init_distributed(t.dist_backend)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
     torch.set_num_threads(t.threads_per_rank)
     quiet_libraries()
     torch.manual_seed(t.seed)
 
     connect_ray(os.environ.get("DISTILL_RAY_ADDRESS", cfg.ray.address), os.environ["DISTILL_RAY_NAMESPACE"])
     teacher = TeacherPool.attach(os.environ["DISTILL_RUN_TAG"], cfg.teacher.replicas)
-    stream = TeacherStream(teacher.actors, cfg.stream.topk, cfg.stream.prefetch, cfg.stream.values_dtype,
-                           cfg.stream.timeout_s)
+    stream = TeacherStream(
+        teacher.actors, cfg.stream.topk, cfg.stream.prefetch, cfg.stream.values_dtype, cfg.stream.timeout_s
+    )
 
     train = PackedDataset.load(run_dir / "data" / "train.npy")
     heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]
@@ -74,8 +80,8 @@ def main(run_dir: Path) -> None:
     model = load_causal_lm(models["student"], dtype="float32")
     if cfg.student.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    loss_fn = instantiate(cfg.loss)
-    engine = build_engine(model, t, world)
+    objective = StudentObjective(model, instantiate(cfg.loss), fused=t.fused_loss)
+    engine = build_engine(objective, t, world)
     device = engine.device
     sampler = StepSampler(len(train), t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed)
 
@@ -89,7 +95,7 @@ def main(run_dir: Path) -> None:
     logger = RunLogger(run_dir, cfg.logger, json.loads(json.dumps(cfg_dict(cfg))), enabled=rank == 0)
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(engine.module, heldout, stream.full_log_probs, t.micro_batch_size)
+        metrics = evaluate(engine.module.model, heldout, stream.full_log_probs, t.micro_batch_size)
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         if rank == 0:
             log.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -104,17 +110,18 @@ def main(run_dir: Path) -> None:
     progress = Progress(t.max_steps, start_step, t.log_every)
     sums: dict[str, float] = {}
     step_start, wait_start, normaliser = time.perf_counter(), stream.stats.wait_s, 0.0
-    for i, ((step, idx), teacher_out) in enumerate(stream.stream(micro_batches, lambda mb: train.tokens[mb[1]])):
+    for i, ((step, idx), teacher_out) in enumerate(
+        stream.stream(micro_batches, lambda mb: train.tokens[mb[1]])
+    ):
         if i % t.grad_accum_steps == 0:
             normaliser = global_token_count(len(idx) * train.seq_len * t.grad_accum_steps)
         ids = torch.from_numpy(train.tokens[idx].astype(np.int64)).to(device)
         values, indices = (x.to(device) for x in teacher_out.tensors())
         mask = torch.ones_like(ids, dtype=torch.bool)
-        logits = engine(input_ids=ids).logits
-        out = loss_fn(logits, values, indices, next_token_labels(ids), mask, normaliser, step=step)
-        engine.backward(out.loss * scale)
+        loss, loss_metrics = engine(ids, values, indices, next_token_labels(ids), mask, normaliser, step)
+        engine.backward(loss * scale)
         engine.step()
-        for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+        for key, value in {"loss": loss.item(), **loss_metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(value)
         if (i + 1) % t.grad_accum_steps:
             continue
@@ -157,8 +164,11 @@ def main(run_dir: Path) -> None:
             log.info("exported student: %s", run_dir / "student")
             logger.finish({f"final/{k}": v for k, v in final.items()})
     elif rank == 0:
-        log.info("stopped at step %d of %d (trainer.stop_at_step); resume with trainer.resume=latest", stop,
-                 t.max_steps)
+        log.info(
+            "stopped at step %d of %d (trainer.stop_at_step); resume with trainer.resume=latest",
+            stop,
+            t.max_steps,
+        )
         logger.finish()
     dist.barrier()
     dist.destroy_process_group()

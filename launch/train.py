@@ -79,8 +79,13 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.stream.topk > teacher_vocab:
         raise ConfigError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({teacher_vocab}).")
     t = cfg.trainer
-    prepare_datasets(cfg.data, load_tokenizer(student_dir), run_dir / "data", num_ranks=t.num_ranks,
-                     global_batch=t.micro_batch_size * t.grad_accum_steps * t.num_ranks)
+    prepare_datasets(
+        cfg.data,
+        load_tokenizer(student_dir),
+        run_dir / "data",
+        num_ranks=t.num_ranks,
+        global_batch=t.micro_batch_size * t.grad_accum_steps * t.num_ranks,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     models = {"teacher": teacher_dir, "student": student_dir}
@@ -94,17 +99,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_ranks(run_dir: Path, num_ranks: int, ray_address: str, run_tag: str, resume_from: Path | None,
-                 namespace: str) -> None:
+def launch_ranks(
+    run_dir: Path, num_ranks: int, ray_address: str, run_tag: str, resume_from: Path | None, namespace: str
+) -> None:
     """Start one `launch.student` process per rank; if one fails, stop the others and raise."""
-    env = {**os.environ, "WORLD_SIZE": str(num_ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "DISTILL_RAY_ADDRESS": ray_address, "DISTILL_RAY_NAMESPACE": namespace, "DISTILL_RUN_TAG": run_tag,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(num_ranks),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "DISTILL_RAY_ADDRESS": ray_address,
+        "DISTILL_RAY_NAMESPACE": namespace,
+        "DISTILL_RUN_TAG": run_tag,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     if resume_from is not None:
         env["DISTILL_RESUME_FROM"] = str(resume_from)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "launch.student", str(run_dir)],
-                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "launch.student", str(run_dir)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            start_new_session=True,
+        )
         for r in range(num_ranks)
     ]
     try:
@@ -144,16 +160,22 @@ def summarize(run_dir: Path) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    rows = [("held-out KL(teacher‖student)", "kl", "{:.4f}"), ("top-1 agreement", "top1_agreement", "{:.2%}"),
-            ("student perplexity", "ppl", "{:.4g}"), ("teacher perplexity", "teacher_ppl", "{:.4g}")]
+    rows = [
+        ("held-out KL(teacher‖student)", "kl", "{:.4f}"),
+        ("top-1 agreement", "top1_agreement", "{:.2%}"),
+        ("student perplexity", "ppl", "{:.4g}"),
+        ("teacher perplexity", "teacher_ppl", "{:.4g}"),
+    ]
     print("\n" + "=" * 64)
     print(f"{'metric':<32}{'before':>14}{'after':>14}")
     print("-" * 64)
     for label, key, fmt in rows:
         print(f"{label:<32}{fmt.format(s['before'][key]):>14}{fmt.format(s['after'][key]):>14}")
     print("-" * 64)
-    print(f"steps {s['steps']}  |  {s['tokens_per_s']:.0f} tokens/s  |  teacher wait "
-          f"{s['teacher_wait_fraction']:.0%}  |  {s['bytes_per_token']:.0f} bytes/token on the stream")
+    print(
+        f"steps {s['steps']}  |  {s['tokens_per_s']:.0f} tokens/s  |  teacher wait "
+        f"{s['teacher_wait_fraction']:.0%}  |  {s['bytes_per_token']:.0f} bytes/token on the stream"
+    )
     print(f"exported student: {s['student']}\nrun directory:    {s['run_dir']}")
     print("=" * 64)
 
@@ -166,11 +188,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     tc = cfg.teacher
     run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
-    pool = TeacherPool.start(run_tag, prepared["teacher"], tc.replicas, tc.dtype, tc.attn_implementation,
-                             tc.threads, tc.cpus_per_replica, tc.gpus_per_replica)
+    pool = TeacherPool.start(
+        run_tag,
+        prepared["teacher"],
+        tc.replicas,
+        tc.dtype,
+        tc.attn_implementation,
+        tc.threads,
+        tc.cpus_per_replica,
+        tc.gpus_per_replica,
+    )
     try:
-        launch_ranks(run_dir, cfg.trainer.num_ranks, ray.get_runtime_context().gcs_address, run_tag,
-                     prepared["resume_from"], cfg.ray.namespace)
+        launch_ranks(
+            run_dir,
+            cfg.trainer.num_ranks,
+            ray.get_runtime_context().gcs_address,
+            run_tag,
+            prepared["resume_from"],
+            cfg.ray.namespace,
+        )
     finally:
         pool.shutdown()
     return summarize(run_dir)

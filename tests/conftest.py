@@ -15,7 +15,9 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"), vocab_size=256)
 
 
-def pretrain_on_pydoc(model_dir: Path, steps: int = 150, seq_len: int = 32, batch: int = 16, seed: int = 0) -> None:
+def pretrain_on_pydoc(
+    model_dir: Path, steps: int = 150, seq_len: int = 32, batch: int = 16, seed: int = 0
+) -> None:
     """A few hundred ms of plain next-token training on real text, so the tiny teacher has real,
     learnable structure (a random teacher's distributions are noise no student can follow)."""
     from distill.data import load_documents, pack_documents

@@ -21,12 +21,22 @@ def tiny_overrides(teacher: Path, student: Path, run_dir: Path, *extra: str) -> 
     """CLI overrides for a fast run on the tiny models; `extra` "key=value" items replace the defaults."""
     settings = {
         "run_dir": run_dir,
-        "teacher": "local", "teacher.model.name_or_path": teacher,
-        "student": "local", "student.model.name_or_path": student,
-        "logger": "none", "ray.num_cpus": 2,
-        "data.seq_len": 32, "data.heldout_sequences": 8, "data.max_train_sequences": 512,
-        "trainer.max_steps": 8, "trainer.micro_batch_size": 4, "trainer.warmup_steps": 1, "trainer.lr": 3e-3,
-        "trainer.eval_every": 4, "trainer.checkpoint_every": 4, "trainer.log_every": 1,
+        "teacher": "local",
+        "teacher.model.name_or_path": teacher,
+        "student": "local",
+        "student.model.name_or_path": student,
+        "logger": "none",
+        "ray.num_cpus": 2,
+        "data.seq_len": 32,
+        "data.heldout_sequences": 8,
+        "data.max_train_sequences": 512,
+        "trainer.max_steps": 8,
+        "trainer.micro_batch_size": 4,
+        "trainer.warmup_steps": 1,
+        "trainer.lr": 3e-3,
+        "trainer.eval_every": 4,
+        "trainer.checkpoint_every": 4,
+        "trainer.log_every": 1,
         "stream.topk": 16,
     }
     settings.update(item.split("=", 1) for item in extra)
@@ -72,8 +82,16 @@ def test_online_distillation_end_to_end(stage, tiny_teacher_dir, tiny_student_di
     run_dir = tmp_path / f"zero{stage}"
     logger = ["logger=wandb", "logger.mode=offline"] if stage == 2 else []
     proc = run_train(
-        tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, f"trainer=zero{stage}", *logger,
-                       "trainer.max_steps=16", "trainer.eval_every=8", "trainer.lr=1e-2")
+        tiny_overrides(
+            tiny_teacher_dir,
+            tiny_student_dir,
+            run_dir,
+            f"trainer=zero{stage}",
+            *logger,
+            "trainer.max_steps=16",
+            "trainer.eval_every=8",
+            "trainer.lr=1e-2",
+        )
     )
     assert proc.returncode == 0
     assert "held-out KL(teacher‖student)" in proc.stdout  # the summary table
@@ -101,7 +119,8 @@ def test_online_distillation_end_to_end(stage, tiny_teacher_dir, tiny_student_di
 
 def test_loss_normalisation_is_invariant_to_the_split(tiny_teacher_dir, tiny_student_dir, tmp_path):
     """One SGD step on the same global batch (8 sequences) gives the same weights however it is split:
-    1 rank x 4 accumulation steps == 2 x 2 == 4 x 1."""
+    1 rank x 4 accumulation steps == 2 x 2 == 4 x 1. The 2 x 2 run uses the unfused loss (full logits),
+    so the fused chunked LM-head loss is checked against it through the whole stack too."""
     initial = load_file(str(tiny_student_dir / "model.safetensors"))
     results = {}
     for ranks, accum in [(1, 4), (2, 2), (4, 1)]:
@@ -120,6 +139,7 @@ def test_loss_normalisation_is_invariant_to_the_split(tiny_teacher_dir, tiny_stu
                 f"trainer.grad_accum_steps={accum}",
                 "trainer.micro_batch_size=2",
                 "loss.ce_weight=0.5",
+                f"trainer.fused_loss={ranks != 2}",
             )
         )
         assert proc.returncode == 0

@@ -13,8 +13,14 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 BUILTIN_CORPORA = ("pydoc_topics",)
-_SUFFIX_FORMAT = {".txt": "text", ".md": "text", ".rst": "text", ".jsonl": "jsonl", ".json": "jsonl",
-                  ".parquet": "parquet"}
+_SUFFIX_FORMAT = {
+    ".txt": "text",
+    ".md": "text",
+    ".rst": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+}
 
 
 class DataError(ValueError):
@@ -79,5 +85,7 @@ def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> tupl
     ordered = sorted(docs, key=rank)
     n_heldout = max(1, round(len(ordered) * heldout_fraction))
     if n_heldout >= len(ordered):
-        raise DataError(f"only {len(ordered)} document(s): too few to hold out {heldout_fraction:.0%} for eval.")
+        raise DataError(
+            f"only {len(ordered)} document(s): too few to hold out {heldout_fraction:.0%} for eval."
+        )
     return ordered[n_heldout:], ordered[:n_heldout]

@@ -22,14 +22,14 @@ def prepare_datasets(data_cfg, tokenizer, out_dir: Path, num_ranks: int, global_
         train = PackedDataset(train.tokens[: data_cfg.max_train_sequences])
     if len(train) < global_batch:
         raise DataError(
-            f"the training split packs into {len(train)} sequences of {data_cfg.seq_len} tokens, fewer than one "
-            f"global batch ({global_batch}); add text, lower data.seq_len or shrink the batch."
+            f"the training split packs into {len(train)} sequences of {data_cfg.seq_len} tokens, fewer "
+            f"than one global batch ({global_batch}); add text, lower data.seq_len or shrink the batch."
         )
     n_eval = min(data_cfg.heldout_sequences, len(heldout)) // num_ranks * num_ranks
     if n_eval == 0:
         raise DataError(
-            f"the held-out split packs into {len(heldout)} sequence(s), fewer than the {num_ranks} ranks that "
-            f"evaluate it; raise data.heldout_fraction or lower data.seq_len."
+            f"the held-out split packs into {len(heldout)} sequence(s), fewer than the {num_ranks} ranks "
+            f"that evaluate it; raise data.heldout_fraction or lower data.seq_len."
         )
     heldout = PackedDataset(heldout.tokens[:n_eval])
 
@@ -39,8 +39,9 @@ def prepare_datasets(data_cfg, tokenizer, out_dir: Path, num_ranks: int, global_
         if path.exists():
             if PackedDataset.load(path).digest() != dataset.digest():
                 raise DataError(
-                    f"{path} was built from different data than the current data config / tokenizer; a resumed "
-                    f"run must train on the same data (restore the original data settings or use a new run dir)."
+                    f"{path} was built from different data than the current data config / tokenizer; a "
+                    f"resumed run must train on the same data (restore the original data settings or use "
+                    f"a new run dir)."
                 )
         else:
             dataset.save(path)

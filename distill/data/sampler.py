@@ -10,8 +10,9 @@ import numpy as np
 
 
 class StepSampler:
-    def __init__(self, num_sequences: int, micro_batch: int, grad_accum: int, world_size: int, rank: int,
-                 seed: int):
+    def __init__(
+        self, num_sequences: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int
+    ):
         self.global_batch = micro_batch * grad_accum * world_size
         if num_sequences < self.global_batch:
             raise ValueError(

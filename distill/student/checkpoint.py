@@ -79,7 +79,9 @@ def verify(ckpt: Path) -> None:
     for rel, digest in manifest.items():
         path = ckpt / rel
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is missing {rel}; resume from an older one or start over.")
+            raise CheckpointError(
+                f"checkpoint {ckpt} is missing {rel}; resume from an older one or start over."
+            )
         if _sha256(path) != digest:
             raise CheckpointError(
                 f"checkpoint file {path} fails its checksum (corrupt or modified); resume from an older "
@@ -115,8 +117,9 @@ def save(engine, root: Path, step: int, state: dict, keep: int) -> Path:
 def load(engine, ckpt: Path) -> dict:
     """Collective: verify and load a checkpoint into `engine`; returns the saved trainer state."""
     verify(ckpt)
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(ckpt), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt / 'ds'}.")
     rng = ckpt / f"rng-rank{dist.get_rank()}.safetensors"

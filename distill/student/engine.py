@@ -75,9 +75,11 @@ def export_pretrained(engine, tokenizer, out_dir: Path) -> None:
 
     Written to a temporary folder and renamed, so an interrupted export never replaces a good one.
     """
-    model = engine.module
+    model = engine.module.model
     params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+    with deepspeed.zero.GatheredParameters(
+        params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3
+    ):
         if dist.get_rank() == 0:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if dist.get_rank() == 0:

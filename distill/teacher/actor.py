@@ -47,7 +47,9 @@ class TeacherOutput:
 class TeacherActor:
     """Hosts one teacher replica; wrapped with `ray.remote` by `TeacherPool`."""
 
-    def __init__(self, model_dir: str, dtype: str = "auto", attn_implementation: str = "auto", threads: int = 1):
+    def __init__(
+        self, model_dir: str, dtype: str = "auto", attn_implementation: str = "auto", threads: int = 1
+    ):
         import transformers
 
         from distill.models import load_causal_lm
@@ -56,15 +58,21 @@ class TeacherActor:
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_causal_lm(model_dir, dtype=dtype, attn_implementation=attn_implementation,
-                                    device=self.device)
+        self.model = load_causal_lm(
+            model_dir, dtype=dtype, attn_implementation=attn_implementation, device=self.device
+        )
         self.model.eval()
         self.vocab_size = self.model.config.vocab_size
         self.model_dir = model_dir
 
     def info(self) -> dict:
-        return {"model_dir": self.model_dir, "vocab_size": self.vocab_size, "pid": os.getpid(),
-                "dtype": str(next(self.model.parameters()).dtype), "device": str(self.device)}
+        return {
+            "model_dir": self.model_dir,
+            "vocab_size": self.vocab_size,
+            "pid": os.getpid(),
+            "dtype": str(next(self.model.parameters()).dtype),
+            "device": str(self.device),
+        }
 
     @torch.no_grad()
     def _log_probs(self, input_ids: np.ndarray) -> torch.Tensor:
@@ -72,7 +80,9 @@ class TeacherActor:
         logits = self.model(input_ids=ids).logits
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def topk(self, request_id: int, input_ids: np.ndarray, k: int, values_dtype: str = "float16") -> TeacherOutput:
+    def topk(
+        self, request_id: int, input_ids: np.ndarray, k: int, values_dtype: str = "float16"
+    ) -> TeacherOutput:
         """Top-k log-probs of every position of a micro-batch [B, T] of token ids."""
         start = time.perf_counter()
         values, indices = torch.topk(self._log_probs(input_ids), k, dim=-1)
@@ -84,5 +94,5 @@ class TeacherActor:
         return TeacherOutput(request_id, values_np, indices_np, values_dtype, time.perf_counter() - start)
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-vocabulary fp32 log-probs [B, T, V]: evaluation measures the exact KL, not the top-k estimate."""
+        """Full-vocabulary fp32 log-probs [B, T, V], so evaluation measures the exact KL."""
         return self._log_probs(input_ids).cpu().numpy()

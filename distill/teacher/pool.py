@@ -22,8 +22,14 @@ def connect_ray(address: str | None, namespace: str = "distill", num_cpus: int |
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
-        ray.init(namespace=namespace, num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(
+            namespace=namespace,
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level="WARNING",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
     else:
         ray.init(address=address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
 
@@ -39,13 +45,25 @@ class TeacherPool:
         self.actors = actors
 
     @classmethod
-    def start(cls, run_tag: str, model_dir: str, replicas: int, dtype: str, attn_implementation: str,
-              threads: int, cpus_per_replica: float, gpus_per_replica: float) -> TeacherPool:
+    def start(
+        cls,
+        run_tag: str,
+        model_dir: str,
+        replicas: int,
+        dtype: str,
+        attn_implementation: str,
+        threads: int,
+        cpus_per_replica: float,
+        gpus_per_replica: float,
+    ) -> TeacherPool:
         remote_cls = ray.remote(TeacherActor)
         actors = [
-            remote_cls.options(name=actor_name(run_tag, i), num_cpus=cpus_per_replica, num_gpus=gpus_per_replica,
-                               max_concurrency=1)
-            .remote(model_dir, dtype, attn_implementation, threads)
+            remote_cls.options(
+                name=actor_name(run_tag, i),
+                num_cpus=cpus_per_replica,
+                num_gpus=gpus_per_replica,
+                max_concurrency=1,
+            ).remote(model_dir, dtype, attn_implementation, threads)
             for i in range(replicas)
         ]
         pool = cls(actors)
