@@ -96,15 +96,16 @@ def test_tiny_llama_is_seeded_and_reloads_with_identical_logits(
     assert not list(tiny_teacher_dir.glob("*.bin"))
     assert vocab_size(tiny_teacher_dir) == len(load_tokenizer(tiny_teacher_dir)) == 256
 
+    first = tiny_llama(tmp_path / "first", num_layers=3, seed=1, tokenizer_dir=tiny_tokenizer_dir)
     rebuilt = tiny_llama(tmp_path / "same", num_layers=3, seed=1, tokenizer_dir=tiny_tokenizer_dir)
     other_seed = tiny_llama(tmp_path / "other", num_layers=3, seed=7, tokenizer_dir=tiny_tokenizer_dir)
-    reference = _logits(tiny_teacher_dir)
+    reference = _logits(first)
     assert reference.shape[-1] == 256
     assert torch.equal(_logits(rebuilt), reference)
     assert not torch.allclose(_logits(other_seed), reference)
 
-    model = load_causal_lm(tiny_teacher_dir, device="cpu").eval()
-    tokenizer = load_tokenizer(tiny_teacher_dir)
+    model = load_causal_lm(first, device="cpu").eval()
+    tokenizer = load_tokenizer(first)
     with torch.no_grad():
         assert torch.equal(model(**tokenizer(TEXT, return_tensors="pt")).logits, reference)
 
