@@ -103,6 +103,21 @@ class StreamConfig:
 
 
 @dataclass
+class FeatureConfig:
+    """Hidden-state (feature) distillation, added to the KD loss; off while `layer_map` is None.
+
+    Layer j means the output of decoder layer j (Hugging Face `hidden_states[j + 1]`; for the last layer
+    that is the output after the final norm). `layer_map` maps student layer -> teacher layer: a mapping
+    {0: 1, 1: 3}, a list [1, 3] (position = student layer), pairs "0:1,1:3" or a rule in i such as
+    "2i+1". Each mapped student layer gets a learned Linear(student width, teacher width).
+    """
+
+    layer_map: Any = None
+    loss: str = "mse"  # mse | cosine
+    weight: float = 1.0
+
+
+@dataclass
 class LoggerConfig:
     backend: str = "wandb"  # wandb | none
     project: str = "distill"
@@ -126,6 +141,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run_dir: str | None = None  # None: Hydra's output directory
@@ -190,6 +206,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet"))
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.threads", cfg.teacher.threads, 1)
+    _choice("features.loss", cfg.features.loss, ("mse", "cosine"))
+    _at_least("features.weight", cfg.features.weight, 0)
     _choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
 

@@ -296,14 +296,29 @@ def _read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def vocab_size(path: str | Path) -> int:
-    """Vocabulary size from config.json, so teacher/student agreement is checked before loading weights."""
+def _config_int(path: str | Path, key: str) -> int:
+    """An integer entry of config.json (or of its `text_config`), read without loading any weights."""
     folder = resolve_model(path)
     config = _read_config(folder)
-    size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
-    if not isinstance(size, int):
-        raise ModelConfigError(f"{folder / 'config.json'} has no integer vocab_size")
-    return size
+    value = config.get(key, config.get("text_config", {}).get(key))
+    if not isinstance(value, int):
+        raise ModelConfigError(f"{folder / 'config.json'} has no integer {key}")
+    return value
+
+
+def vocab_size(path: str | Path) -> int:
+    """Vocabulary size from config.json, so teacher/student agreement is checked before loading weights."""
+    return _config_int(path, "vocab_size")
+
+
+def num_hidden_layers(path: str | Path) -> int:
+    """Decoder depth from config.json (feature layer maps are checked against it before any load)."""
+    return _config_int(path, "num_hidden_layers")
+
+
+def hidden_size(path: str | Path) -> int:
+    """Hidden width from config.json (the feature projector maps student width to teacher width)."""
+    return _config_int(path, "hidden_size")
 
 
 def _default_device() -> torch.device:

@@ -8,6 +8,7 @@ Ray cluster to reach the teacher actors, and trains the student with DeepSpeed:
         normaliser = counted tokens of the whole global batch (all ranks, all micro-batches)
         for each micro-batch (teacher output already requested `prefetch` micro-batches ahead):
             loss = Σ_tokens per-token loss / normaliser     -> mean over the global batch
+                   (KD, plus the feature loss on the teacher's hidden states when features.layer_map is set)
             backward, step (DeepSpeed accumulates and steps at the boundary)
 """
 
@@ -33,7 +34,7 @@ from distill.models import load_causal_lm, load_tokenizer
 from distill.stream import TeacherStream
 from distill.student import checkpoint
 from distill.student.engine import build_engine, export_pretrained, init_distributed
-from distill.student.objective import StudentObjective
+from distill.student.objective import StudentObjective, build_projector
 from distill.teacher import TeacherPool, connect_ray
 from distill.tracking import Progress, RunLogger
 
@@ -70,9 +71,6 @@ def main(run_dir: Path) -> None:
 
     connect_ray(os.environ.get("DISTILL_RAY_ADDRESS", cfg.ray.address), os.environ["DISTILL_RAY_NAMESPACE"])
     teacher = TeacherPool.attach(os.environ["DISTILL_RUN_TAG"], cfg.teacher.replicas)
-    stream = TeacherStream(
-        teacher.actors, cfg.stream.topk, cfg.stream.prefetch, cfg.stream.values_dtype, cfg.stream.timeout_s
-    )
 
     train = PackedDataset.load(run_dir / "data" / "train.npy")
     heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]
@@ -80,8 +78,17 @@ def main(run_dir: Path) -> None:
     model = load_causal_lm(models["student"], dtype="float32")
     if cfg.student.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    objective = StudentObjective(model, instantiate(cfg.loss), fused=t.fused_loss)
+    projector = build_projector(cfg.features, models["student"], models["teacher"], seed=t.seed)
+    objective = StudentObjective(model, instantiate(cfg.loss), fused=t.fused_loss, projector=projector)
     engine = build_engine(objective, t, world)
+    stream = TeacherStream(
+        teacher.actors,
+        cfg.stream.topk,
+        cfg.stream.prefetch,
+        cfg.stream.values_dtype,
+        cfg.stream.timeout_s,
+        hidden_layers=objective.teacher_layers,  # None unless feature distillation is on
+    )
     device = engine.device
     sampler = StepSampler(len(train), t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed)
 
@@ -117,8 +124,9 @@ def main(run_dir: Path) -> None:
             normaliser = global_token_count(len(idx) * train.seq_len * t.grad_accum_steps)
         ids = torch.from_numpy(train.tokens[idx].astype(np.int64)).to(device)
         values, indices = (x.to(device) for x in teacher_out.tensors())
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        loss, loss_metrics = engine(ids, values, indices, next_token_labels(ids), mask, normaliser, step)
+        hidden = {layer: h.to(device) for layer, h in teacher_out.hidden_tensors().items()}  # {} if off
+        labels, mask = next_token_labels(ids), torch.ones_like(ids, dtype=torch.bool)
+        loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
         engine.backward(loss * scale)
         engine.step()
         for key, value in {"loss": loss.item(), **loss_metrics}.items():

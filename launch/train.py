@@ -27,6 +27,7 @@ from distill.config import ConfigError, register_configs, validate
 from distill.data import prepare_datasets
 from distill.models import load_tokenizer, vocab_size
 from distill.student import checkpoint
+from distill.student.objective import resolve_layer_map
 from distill.teacher import TeacherPool, connect_ray
 
 log = logging.getLogger("distill")
@@ -78,6 +79,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
         )
     if cfg.stream.topk > teacher_vocab:
         raise ConfigError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({teacher_vocab}).")
+    if cfg.features.layer_map is not None:
+        resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir)  # every index within both depths
     t = cfg.trainer
     prepare_datasets(
         cfg.data,

@@ -76,11 +76,14 @@ def parse_layer_map(
     }
     for s, t in layer_map.items():
         if num_student_layers is not None and s >= num_student_layers:
-            raise ValueError(f"student layer {s} out of range: the student has {num_student_layers} layers")
+            raise ValueError(
+                f"student layer {s} out of range: the student has {num_student_layers} layers "
+                f"(valid: 0..{num_student_layers - 1})"
+            )
         if num_teacher_layers is not None and t >= num_teacher_layers:
             raise ValueError(
                 f"student layer {s} maps to teacher layer {t}, but the teacher has "
-                f"{num_teacher_layers} layers"
+                f"{num_teacher_layers} layers (valid: 0..{num_teacher_layers - 1})"
             )
     return dict(sorted(layer_map.items()))
 

@@ -38,18 +38,31 @@ class StreamStats:
 
 
 class TeacherStream:
-    def __init__(self, actors: list, topk: int, prefetch: int, values_dtype: str, timeout_s: float):
+    """Requests top-k log-probs (and, with `hidden_layers`, those teacher layers' hidden states)."""
+
+    def __init__(
+        self,
+        actors: list,
+        topk: int,
+        prefetch: int,
+        values_dtype: str,
+        timeout_s: float,
+        hidden_layers: list[int] | None = None,
+    ):
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be >= 1")
         self.actors, self.topk, self.prefetch = actors, topk, prefetch
         self.values_dtype, self.timeout_s = values_dtype, timeout_s
+        self.hidden_layers = list(hidden_layers) if hidden_layers else None
         self.stats = StreamStats()
         self._ids = itertools.count()
 
     def _submit(self, input_ids: np.ndarray) -> tuple[int, Any]:
         request_id = next(self._ids)
         actor = self.actors[request_id % len(self.actors)]  # round-robin over replicas
-        return request_id, actor.topk.remote(request_id, input_ids, self.topk, self.values_dtype)
+        return request_id, actor.topk.remote(
+            request_id, input_ids, self.topk, self.values_dtype, self.hidden_layers
+        )
 
     def _receive(self, request_id: int, ref) -> TeacherOutput:
         start = time.perf_counter()

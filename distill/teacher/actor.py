@@ -2,7 +2,9 @@
 
 Each request carries an id and a micro-batch of token ids; the reply carries the same id and the
 teacher's top-k log-probs (normalised over the FULL vocabulary) as compact numpy arrays, which Ray
-hands to the student through its shared-memory object store without a copy.
+hands to the student through its shared-memory object store without a copy. For feature distillation a
+request may also name teacher layers; the reply then carries those layers' hidden states too (layer j =
+the output of decoder layer j, Hugging Face `hidden_states[j + 1]`), in the same dtype as the values.
 """
 
 from __future__ import annotations
@@ -22,26 +24,48 @@ def index_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32)
 
 
+def _to_numpy(x: torch.Tensor, values_dtype: str) -> np.ndarray:
+    """float16 / float32 arrays, or bfloat16 bits in uint16 (numpy has no bfloat16)."""
+    if values_dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
+    return x.cpu().numpy().astype(_NUMPY_VALUES[values_dtype])
+
+
+def _from_numpy(x: np.ndarray, values_dtype: str) -> torch.Tensor:
+    tensor = torch.from_numpy(x.copy())  # Ray hands out read-only views; copy
+    return tensor.view(torch.bfloat16) if values_dtype == "bfloat16" else tensor
+
+
 @dataclass
 class TeacherOutput:
-    """Top-k teacher log-probs for one micro-batch: values [B, T, k], indices [B, T, k]."""
+    """Teacher output for one micro-batch: top-k values [B, T, k], indices [B, T, k] and, when layers
+    were requested, their hidden states [n_layers, B, T, H] (`hidden_layers[i]` is the layer of `hidden[i]`).
+    """
 
     request_id: int
     values: np.ndarray  # float16 / float32, or uint16 holding bfloat16 bits (numpy has no bfloat16)
     indices: np.ndarray
     values_dtype: str
     compute_s: float
+    hidden: np.ndarray | None = None  # same dtype scheme as `values`
+    hidden_layers: list[int] | None = None
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        values = torch.from_numpy(self.values.copy())  # Ray hands out read-only views; copy the small payload
-        if self.values_dtype == "bfloat16":
-            values = values.view(torch.bfloat16)
+        values = _from_numpy(self.values, self.values_dtype)
         indices = torch.from_numpy(self.indices.astype(np.int64))
         return values, indices
 
+    def hidden_tensors(self) -> dict[int, torch.Tensor]:
+        """{teacher layer: hidden state [B, T, H] in float32}; empty when no layers were requested."""
+        if self.hidden is None:
+            return {}
+        hidden = _from_numpy(self.hidden, self.values_dtype).float()
+        return {layer: hidden[i] for i, layer in enumerate(self.hidden_layers)}
+
     @property
     def nbytes(self) -> int:
-        return self.values.nbytes + self.indices.nbytes
+        hidden = 0 if self.hidden is None else self.hidden.nbytes
+        return self.values.nbytes + self.indices.nbytes + hidden
 
 
 class TeacherActor:
@@ -63,6 +87,7 @@ class TeacherActor:
         )
         self.model.eval()
         self.vocab_size = self.model.config.vocab_size
+        self.num_layers = self.model.config.num_hidden_layers
         self.model_dir = model_dir
 
     def info(self) -> dict:
@@ -75,24 +100,59 @@ class TeacherActor:
         }
 
     @torch.no_grad()
-    def _log_probs(self, input_ids: np.ndarray) -> torch.Tensor:
+    def _forward(
+        self, input_ids: np.ndarray, hidden_layers: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Full log-probs [B, T, V] and, if layers are asked for, their hidden states [n, B, T, H]."""
         ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
-        logits = self.model(input_ids=ids).logits
-        return torch.log_softmax(logits.float(), dim=-1)
+        out = self.model(input_ids=ids, output_hidden_states=bool(hidden_layers))
+        hidden = torch.stack([out.hidden_states[j + 1] for j in hidden_layers]) if hidden_layers else None
+        return torch.log_softmax(out.logits.float(), dim=-1), hidden
+
+    def _check_layers(self, hidden_layers: list[int]) -> None:
+        bad = [j for j in hidden_layers if not 0 <= j < self.num_layers]
+        if bad:
+            raise ValueError(
+                f"teacher layer {bad[0]} requested, but the teacher ({self.model_dir}) has "
+                f"{self.num_layers} layers (valid: 0..{self.num_layers - 1})"
+            )
 
     def topk(
-        self, request_id: int, input_ids: np.ndarray, k: int, values_dtype: str = "float16"
+        self,
+        request_id: int,
+        input_ids: np.ndarray,
+        k: int,
+        values_dtype: str = "float16",
+        hidden_layers: list[int] | None = None,
     ) -> TeacherOutput:
-        """Top-k log-probs of every position of a micro-batch [B, T] of token ids."""
+        """Top-k log-probs of every position of a micro-batch [B, T] of token ids, plus the hidden
+        states of `hidden_layers` (layer j = output of decoder layer j) when given."""
         start = time.perf_counter()
-        values, indices = torch.topk(self._log_probs(input_ids), k, dim=-1)
-        if values_dtype == "bfloat16":
-            values_np = values.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
-        else:
-            values_np = values.cpu().numpy().astype(_NUMPY_VALUES[values_dtype])
+        hidden_layers = list(hidden_layers) if hidden_layers else None
+        if hidden_layers:
+            self._check_layers(hidden_layers)
+        log_probs, hidden = self._forward(input_ids, hidden_layers)
+        values, indices = torch.topk(log_probs, k, dim=-1)
+        values_np = _to_numpy(values, values_dtype)
         indices_np = indices.cpu().numpy().astype(index_dtype(self.vocab_size))
-        return TeacherOutput(request_id, values_np, indices_np, values_dtype, time.perf_counter() - start)
+        hidden_np = None
+        if hidden is not None:
+            hidden_np = _to_numpy(hidden, values_dtype)
+            if values_dtype == "float16" and not np.isfinite(hidden_np).all():
+                raise ValueError(
+                    f"teacher hidden states of layers {hidden_layers} overflow float16 (|x| > 65504); "
+                    "use stream.values_dtype=bfloat16 or float32"
+                )
+        return TeacherOutput(
+            request_id,
+            values_np,
+            indices_np,
+            values_dtype,
+            time.perf_counter() - start,
+            hidden=hidden_np,
+            hidden_layers=hidden_layers,
+        )
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         """Full-vocabulary fp32 log-probs [B, T, V], so evaluation measures the exact KL."""
-        return self._log_probs(input_ids).cpu().numpy()
+        return self._forward(input_ids)[0].cpu().numpy()
