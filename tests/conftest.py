@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill.models import smollm2_folder, tiny_llama, tiny_tokenizer
+from distill.teacher import TeacherPool, connect_ray
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +66,24 @@ def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
 def smollm2_dir() -> Path:
     """The real converted teacher in the default cache; only for tests marked slow."""
     return smollm2_folder()
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_pool(tiny_teacher_dir: Path):
+    """Two replicas of the tiny teacher as real Ray actors, on a Ray runtime local to this test process."""
+    import ray
+
+    connect_ray(None, num_cpus=2)
+    pool = TeacherPool.start(
+        "test-pool",
+        str(tiny_teacher_dir),
+        replicas=2,
+        dtype="float32",
+        attn_implementation="sdpa",
+        threads=1,
+        cpus_per_replica=0.5,
+        gpus_per_replica=0,
+    )
+    yield pool
+    pool.shutdown()
+    ray.shutdown()

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 from test_online import exported_weights, metrics, run_train, tiny_overrides
@@ -20,7 +19,6 @@ from distill.models import load_causal_lm
 from distill.stream import TeacherStream
 from distill.student.checkpoint import _DS_SAFE_GLOBALS, latest, list_checkpoints
 from distill.student.objective import StudentObjective, build_projector
-from distill.teacher import TeacherPool, connect_ray
 from launch.train import prepare
 
 TOPK = 16  # tiny_overrides' stream.topk
@@ -31,25 +29,7 @@ PROJECTOR_KEYS = {f"projector.proj.{i}.{p}" for i in (0, 1) for p in ("weight", 
 # ----------------------------------------------------------------------------- teacher payload
 
 
-@pytest.fixture
-def pool(tiny_teacher_dir):
-    connect_ray(None, num_cpus=2)
-    teachers = TeacherPool.start(
-        "features-test",
-        str(tiny_teacher_dir),
-        replicas=1,
-        dtype="float32",
-        attn_implementation="sdpa",
-        threads=1,
-        cpus_per_replica=0.5,
-        gpus_per_replica=0,
-    )
-    yield teachers
-    teachers.shutdown()
-    ray.shutdown()
-
-
-def test_teacher_sends_the_requested_hidden_layers(pool, tiny_teacher_dir):
+def test_teacher_sends_the_requested_hidden_layers(tiny_teacher_pool, tiny_teacher_dir):
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, size=(2, 16), dtype=np.uint16)
     model = load_causal_lm(tiny_teacher_dir, dtype="float32").eval()
@@ -57,7 +37,12 @@ def test_teacher_sends_the_requested_hidden_layers(pool, tiny_teacher_dir):
         ref = model(input_ids=torch.from_numpy(batch.astype(np.int64)), output_hidden_states=True)
 
     stream = TeacherStream(
-        pool.actors, topk=8, prefetch=1, values_dtype="float16", timeout_s=60, hidden_layers=[2, 0]
+        tiny_teacher_pool.actors,
+        topk=8,
+        prefetch=1,
+        values_dtype="float16",
+        timeout_s=60,
+        hidden_layers=[2, 0],
     )
     ((_, out),) = list(stream.stream([batch], lambda b: b))
     assert out.hidden.dtype == np.float16 and out.hidden.shape == (2, 2, 16, TEACHER_WIDTH)
@@ -74,18 +59,18 @@ def test_teacher_sends_the_requested_hidden_layers(pool, tiny_teacher_dir):
     assert stream.stats.bytes == tokens * (8 * (2 + 2) + 2 * TEACHER_WIDTH * 2)
 
     bf16 = TeacherStream(
-        pool.actors, topk=4, prefetch=1, values_dtype="bfloat16", timeout_s=60, hidden_layers=[1]
+        tiny_teacher_pool.actors, topk=4, prefetch=1, values_dtype="bfloat16", timeout_s=60, hidden_layers=[1]
     )
     ((_, out),) = list(bf16.stream([batch], lambda b: b))
     assert out.hidden.dtype == np.uint16  # bfloat16 bits
     torch.testing.assert_close(out.hidden_tensors()[1], ref.hidden_states[2], atol=3e-2, rtol=1e-2)
 
-    plain = TeacherStream(pool.actors, topk=4, prefetch=1, values_dtype="float16", timeout_s=60)
+    plain = TeacherStream(tiny_teacher_pool.actors, topk=4, prefetch=1, values_dtype="float16", timeout_s=60)
     ((_, out),) = list(plain.stream([batch], lambda b: b))
     assert out.hidden is None and out.hidden_tensors() == {} and out.nbytes == tokens * 4 * (2 + 2)
 
     bad = TeacherStream(
-        pool.actors, topk=4, prefetch=1, values_dtype="float16", timeout_s=60, hidden_layers=[3]
+        tiny_teacher_pool.actors, topk=4, prefetch=1, values_dtype="float16", timeout_s=60, hidden_layers=[3]
     )
     with pytest.raises(ValueError, match=r"teacher layer 3 requested.*3 layers \(valid: 0\.\.2\)"):
         list(bad.stream([batch], lambda b: b))

@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import ray
 import torch
 
 from distill.models import load_causal_lm
 from distill.stream import TeacherStream
-from distill.teacher import TeacherPool, connect_ray
 
 
-@pytest.fixture(scope="module")
-def pool(tiny_teacher_dir):
-    connect_ray(None, num_cpus=2)
-    teachers = TeacherPool.start(
-        "stream-test",
-        str(tiny_teacher_dir),
-        replicas=2,
-        dtype="float32",
-        attn_implementation="sdpa",
-        threads=1,
-        cpus_per_replica=0.5,
-        gpus_per_replica=0,
-    )
-    yield teachers
-    teachers.shutdown()
-    ray.shutdown()
-
-
-def test_stream_returns_the_teachers_topk_in_order_with_bounded_prefetch(pool, tiny_teacher_dir):
+def test_stream_returns_the_teachers_topk_in_order_with_bounded_prefetch(tiny_teacher_pool, tiny_teacher_dir):
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, size=(2, 16), dtype=np.uint16) for _ in range(7)]
     pulled = 0
@@ -41,7 +20,7 @@ def test_stream_returns_the_teachers_topk_in_order_with_bounded_prefetch(pool, t
             pulled += 1
             yield b
 
-    stream = TeacherStream(pool.actors, topk=8, prefetch=3, values_dtype="float16", timeout_s=60)
+    stream = TeacherStream(tiny_teacher_pool.actors, topk=8, prefetch=3, values_dtype="float16", timeout_s=60)
     model = load_causal_lm(tiny_teacher_dir, dtype="float32").eval()
     for served, (batch, out) in enumerate(stream.stream(source(), lambda b: b), start=1):
         assert pulled - served <= 3 - 1 + 1  # at most `prefetch` requests ahead of the consumer
@@ -56,8 +35,10 @@ def test_stream_returns_the_teachers_topk_in_order_with_bounded_prefetch(pool, t
     assert stream.stats.bytes == 7 * 2 * 16 * 8 * (2 + 2)
 
 
-def test_bfloat16_payload_round_trips(pool):
-    stream = TeacherStream(pool.actors, topk=4, prefetch=1, values_dtype="bfloat16", timeout_s=60)
+def test_bfloat16_payload_round_trips(tiny_teacher_pool):
+    stream = TeacherStream(
+        tiny_teacher_pool.actors, topk=4, prefetch=1, values_dtype="bfloat16", timeout_s=60
+    )
     batch = np.arange(32, dtype=np.uint16).reshape(2, 16)
     ((_, out),) = list(stream.stream([batch], lambda b: b))
     values, _ = out.tensors()
