@@ -18,29 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_overrides(teacher: Path, student: Path, run_dir: Path, *extra: str) -> list[str]:
-    """CLI overrides for a fast run on the tiny models; `extra` "key=value" items replace the defaults."""
-    settings = {
-        "run_dir": run_dir,
-        "teacher": "local",
-        "teacher.model.name_or_path": teacher,
-        "student": "local",
-        "student.model.name_or_path": student,
-        "logger": "none",
-        "ray.num_cpus": 2,
-        "data.seq_len": 32,
-        "data.heldout_sequences": 8,
-        "data.max_train_sequences": 512,
-        "trainer.max_steps": 8,
-        "trainer.micro_batch_size": 4,
-        "trainer.warmup_steps": 1,
-        "trainer.lr": 3e-3,
-        "trainer.eval_every": 4,
-        "trainer.checkpoint_every": 4,
-        "trainer.log_every": 1,
-        "stream.topk": 16,
-    }
-    settings.update(item.split("=", 1) for item in extra)
-    return [f"{key}={value}" for key, value in settings.items()]
+    """CLI overrides for a fast run on the tiny models (conf/experiment/tiny.yaml) plus `extra` ones."""
+    return [
+        "+experiment=tiny",
+        f"run_dir={run_dir}",
+        f"teacher.model.name_or_path={teacher}",
+        f"student.model.name_or_path={student}",
+        *extra,
+    ]
 
 
 def run_train(overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
