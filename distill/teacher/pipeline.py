@@ -1,0 +1,233 @@
+"""A teacher split into pipeline stages: each a Ray actor holding a contiguous block of decoder layers.
+
+A 405B-class teacher does not fit one device or one node. Stage 0 holds the embeddings, the last stage
+the final norm, the LM head and the top-k; every stage builds its modules on the meta device and loads
+only its own tensors from the model's safetensors files, so no process ever holds the whole model.
+Activations travel between stages as numpy arrays through Ray's object store; a request is a chain of
+stage calls, so several micro-batches in flight keep every stage busy at once (pipelining).
+
+Supports decoder-only models laid out like Llama (`model.embed_tokens`, `model.layers.N`, `model.norm`,
+`model.rotary_emb`, `lm_head`): Llama, Mistral, Qwen2 and the SmolLM family.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from safetensors import safe_open
+
+from distill.teacher.actor import TeacherOutput, _to_numpy, index_dtype
+
+
+def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) layer blocks, as even as possible (earlier stages take the remainder)."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages (need 1..{num_layers})")
+    base, extra = divmod(num_layers, num_stages)
+    bounds, start = [], 0
+    for s in range(num_stages):
+        end = start + base + (1 if s < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (sharded or single-file checkpoints)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        return {name: model_dir / "model.safetensors" for name in f.keys()}
+
+
+def _load(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for path, wanted in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            out.update({n: f.get_tensor(n).to(dtype) for n in wanted})
+    return out
+
+
+class TeacherStage:
+    """One pipeline stage; wrapped with `ray.remote` by `PipelineTeacher`."""
+
+    def __init__(self, model_dir: str, start: int, end: int, dtype: str = "auto", threads: int = 1):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.masking_utils import create_causal_mask
+
+        from distill.models import resolve_attn_implementation, resolve_dtype
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.dtype = resolve_dtype(dtype, self.device)
+        config = AutoConfig.from_pretrained(model_dir)
+        # sdpa / flash attention apply the causal mask themselves; eager would need it built explicitly
+        config._attn_implementation = resolve_attn_implementation("auto", self.device, self.dtype)
+        self.config, self._create_causal_mask = config, create_causal_mask
+        self.start, self.end = start, end
+        self.first, self.last = start == 0, end == config.num_hidden_layers
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        decoder = skeleton.get_decoder()
+
+        files = _tensor_files(Path(model_dir))
+        wanted = {f"model.layers.{i}.": decoder.layers[i] for i in range(start, end)}
+        if self.first:
+            wanted["model.embed_tokens."] = decoder.embed_tokens
+        if self.last:
+            wanted["model.norm."] = decoder.norm
+            wanted["lm_head."] = skeleton.lm_head
+        names = {n for n in files if any(n.startswith(p) for p in wanted)}
+        tied = self.last and "lm_head.weight" not in files  # tied embeddings: the head is the embedding
+        tensors = _load(files, sorted(names | ({"model.embed_tokens.weight"} if tied else set())), self.dtype)
+        if tied:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        for prefix, module in wanted.items():
+            state = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+            module.load_state_dict(state, strict=True, assign=True)
+            module.to(self.device).eval()
+        self.layers = [decoder.layers[i] for i in range(start, end)]
+        self.embed = decoder.embed_tokens if self.first else None
+        self.norm, self.head = (decoder.norm, skeleton.lm_head) if self.last else (None, None)
+        with torch.device(self.device):  # its buffers are computed from the config, not loaded
+            self.rotary = type(decoder.rotary_emb)(config=config)
+
+    def info(self) -> dict:
+        modules = [m for m in (self.embed, *self.layers, self.norm, self.head) if m is not None]
+        params = {p.data_ptr(): p.numel() for m in modules for p in m.parameters()}  # tied head: once
+        return {"layers": [self.start, self.end], "parameters": sum(params.values())}
+
+    @torch.no_grad()
+    def run(self, payload: dict) -> dict:
+        """Run this stage's layers on `payload` (token ids for stage 0, activations after) and pass on
+        the activations plus any hidden states requested for feature distillation."""
+        started = time.perf_counter()
+        if self.first:
+            ids = torch.from_numpy(payload["input_ids"].astype(np.int64)).to(self.device)
+            hidden = self.embed(ids)
+        else:
+            hidden = torch.from_numpy(payload["activations"].copy()).to(self.device, self.dtype)
+        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        mask = self._create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=positions,
+        )
+        rotary = self.rotary(hidden, position_ids=positions)
+        wanted = set(payload.get("hidden_layers") or ())
+        collected = dict(payload.get("collected", {}))
+        for index, layer in zip(range(self.start, self.end), self.layers):
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+            if index in wanted:  # HF's hidden_states[-1] is taken after the final norm: match it
+                out = self.norm(hidden) if index == self.config.num_hidden_layers - 1 else hidden
+                collected[index] = out.float().cpu().numpy()
+        result = {**payload, "collected": collected, "compute_s": payload.get("compute_s", 0.0)}
+        result["compute_s"] += time.perf_counter() - started
+        if self.last:
+            logits = self.head(self.norm(hidden)).float()
+            result["log_probs"] = torch.log_softmax(logits, dim=-1)
+        else:
+            result["activations"] = hidden.float().cpu().numpy()
+        result.pop("input_ids", None)
+        return result
+
+    def topk(self, payload: dict, request_id: int, k: int, values_dtype: str) -> TeacherOutput:
+        """Last stage only: top-k of the full-vocabulary log-probs, packed like `TeacherActor.topk`."""
+        result = self.run(payload)
+        values, indices = torch.topk(result["log_probs"], k, dim=-1)
+        layers = payload.get("hidden_layers")
+        hidden = None
+        if layers:
+            hidden = _to_numpy(
+                torch.from_numpy(np.stack([result["collected"][j] for j in layers])), values_dtype
+            )
+        return TeacherOutput(
+            request_id,
+            _to_numpy(values, values_dtype),
+            indices.cpu().numpy().astype(index_dtype(self.config.vocab_size)),
+            values_dtype,
+            result["compute_s"],
+            hidden=hidden,
+            hidden_layers=list(layers) if layers else None,
+        )
+
+    def full_log_probs(self, payload: dict) -> np.ndarray:
+        return self.run(payload)["log_probs"].cpu().numpy()
+
+
+class PipelineTeacher:
+    """One teacher replica as a chain of stage actors, placed by a Ray placement group.
+
+    `strategy="SPREAD"` puts stages on different nodes where it can (one per node on a GPU cluster);
+    `"PACK"` keeps them together. Requests are submitted as chained calls, so the replica pipelines
+    however many micro-batches the students keep in flight.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        num_stages: int,
+        dtype: str = "auto",
+        threads: int = 1,
+        cpus_per_stage: float = 1.0,
+        gpus_per_stage: float = 0.0,
+        strategy: str = "PACK",
+    ):
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.bounds = split_layers(config["num_hidden_layers"], num_stages)
+        bundle = {"CPU": cpus_per_stage, **({"GPU": gpus_per_stage} if gpus_per_stage else {})}
+        self.placement = placement_group([bundle] * num_stages, strategy=strategy)
+        ray.get(self.placement.ready())
+        remote_stage = ray.remote(TeacherStage)
+        self.stages = [
+            remote_stage.options(
+                num_cpus=cpus_per_stage,
+                num_gpus=gpus_per_stage,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement, placement_group_bundle_index=i
+                ),
+            ).remote(model_dir, start, end, dtype, threads)
+            for i, (start, end) in enumerate(self.bounds)
+        ]
+        self.stage_info = ray.get([s.info.remote() for s in self.stages])  # loading errors surface here
+
+    def _through_stages(self, payload: dict):
+        ref = payload
+        for stage in self.stages[:-1]:
+            ref = stage.run.remote(ref)
+        return ref
+
+    def submit_topk(
+        self,
+        request_id: int,
+        input_ids: np.ndarray,
+        k: int,
+        values_dtype: str = "float16",
+        hidden_layers: list[int] | None = None,
+    ):
+        """ObjectRef of the `TeacherOutput` for one micro-batch."""
+        payload = {"input_ids": input_ids, "hidden_layers": list(hidden_layers) if hidden_layers else None}
+        return self.stages[-1].topk.remote(self._through_stages(payload), request_id, k, values_dtype)
+
+    def submit_full_log_probs(self, input_ids: np.ndarray):
+        return self.stages[-1].full_log_probs.remote(self._through_stages({"input_ids": input_ids}))
+
+    def shutdown(self) -> None:
+        for stage in self.stages:
+            ray.kill(stage)
+        ray.util.remove_placement_group(self.placement)

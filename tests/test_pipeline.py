@@ -1,0 +1,69 @@
+"""A teacher split into 2 and 3 pipeline stages gives the unsharded model's top-k (fp32, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from distill.models import load_causal_lm, tiny_llama
+from distill.teacher import connect_ray
+from distill.teacher.pipeline import PipelineTeacher, split_layers
+
+
+def test_split_layers_is_contiguous_and_balanced():
+    assert split_layers(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert split_layers(3, 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="cannot split 3 layers into 4 stages"):
+        split_layers(3, 4)
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    connect_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tied_teacher_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return tiny_llama(
+        tmp_path_factory.mktemp("tied"),
+        num_layers=4,
+        seed=3,
+        tokenizer_dir=tiny_tokenizer_dir,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("which", ["trained", "tied"])
+def test_pipeline_topk_equals_the_unsharded_model(
+    stages, which, ray_runtime, tiny_teacher_dir, tied_teacher_dir
+):
+    model_dir = tiny_teacher_dir if which == "trained" else tied_teacher_dir
+    ids = np.random.default_rng(0).integers(0, 256, size=(3, 24), dtype=np.uint16)
+    model = load_causal_lm(model_dir, dtype="float32").eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+    ref_values, ref_indices = torch.log_softmax(ref.logits, -1).topk(16, dim=-1)
+
+    teacher = PipelineTeacher(str(model_dir), stages, dtype="float32", cpus_per_stage=0.5)
+    try:
+        total = sum(info["parameters"] for info in teacher.stage_info)
+        head_copy = model.lm_head.weight.numel() if which == "tied" and stages > 1 else 0
+        assert total == sum(p.numel() for p in model.parameters()) + head_copy  # each tensor on one stage
+        out = ray.get(teacher.submit_topk(7, ids, 16, "float32", hidden_layers=[0, 2]))
+        full = ray.get(teacher.submit_full_log_probs(ids))
+    finally:
+        teacher.shutdown()
+    values, indices = out.tensors()
+    assert out.request_id == 7
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
+    hidden = out.hidden_tensors()
+    for layer in (0, 2):
+        torch.testing.assert_close(hidden[layer], ref.hidden_states[layer + 1], rtol=0, atol=1e-5)
