@@ -42,7 +42,7 @@ class TeacherStream:
 
     def __init__(
         self,
-        actors: list,
+        replicas: list,
         topk: int,
         prefetch: int,
         values_dtype: str,
@@ -51,7 +51,7 @@ class TeacherStream:
     ):
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be >= 1")
-        self.actors, self.topk, self.prefetch = actors, topk, prefetch
+        self.replicas, self.topk, self.prefetch = replicas, topk, prefetch
         self.values_dtype, self.timeout_s = values_dtype, timeout_s
         self.hidden_layers = list(hidden_layers) if hidden_layers else None
         self.stats = StreamStats()
@@ -59,8 +59,8 @@ class TeacherStream:
 
     def _submit(self, input_ids: np.ndarray) -> tuple[int, Any]:
         request_id = next(self._ids)
-        actor = self.actors[request_id % len(self.actors)]  # round-robin over replicas
-        return request_id, actor.topk.remote(
+        replica = self.replicas[request_id % len(self.replicas)]  # round-robin over replicas
+        return request_id, replica.submit_topk(
             request_id, input_ids, self.topk, self.values_dtype, self.hidden_layers
         )
 
@@ -97,4 +97,4 @@ class TeacherStream:
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         """Full-vocabulary teacher log-probs (evaluation only)."""
-        return ray.get(self.actors[0].full_log_probs.remote(input_ids), timeout=self.timeout_s)
+        return ray.get(self.replicas[0].submit_full_log_probs(input_ids), timeout=self.timeout_s)

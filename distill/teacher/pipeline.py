@@ -108,7 +108,11 @@ class TeacherStage:
     def info(self) -> dict:
         modules = [m for m in (self.embed, *self.layers, self.norm, self.head) if m is not None]
         params = {p.data_ptr(): p.numel() for m in modules for p in m.parameters()}  # tied head: once
-        return {"layers": [self.start, self.end], "parameters": sum(params.values())}
+        return {
+            "layers": [self.start, self.end],
+            "parameters": sum(params.values()),
+            "device": str(self.device),
+        }
 
     @torch.no_grad()
     def run(self, payload: dict) -> dict:
@@ -171,15 +175,19 @@ class TeacherStage:
 
 
 class PipelineTeacher:
-    """One teacher replica as a chain of stage actors, placed by a Ray placement group.
+    """One teacher replica as a chain of stage actors named `<name>/stage-<s>`.
 
-    `strategy="SPREAD"` puts stages on different nodes where it can (one per node on a GPU cluster);
-    `"PACK"` keeps them together. Requests are submitted as chained calls, so the replica pipelines
-    however many micro-batches the students keep in flight.
+    `start` places the stages with a Ray placement group: `strategy="SPREAD"` puts them on different
+    nodes where it can, `"PACK"` keeps them together. Requests are submitted as chained calls, so the
+    replica pipelines however many micro-batches the students keep in flight.
     """
 
-    def __init__(
-        self,
+    def __init__(self, stages: list, placement=None):
+        self.stages, self.placement = stages, placement
+
+    @classmethod
+    def start(
+        cls,
         model_dir: str,
         num_stages: int,
         dtype: str = "auto",
@@ -187,24 +195,37 @@ class PipelineTeacher:
         cpus_per_stage: float = 1.0,
         gpus_per_stage: float = 0.0,
         strategy: str = "PACK",
-    ):
+        name: str = "teacher",
+        max_restarts: int = 0,
+    ) -> PipelineTeacher:
         config = json.loads((Path(model_dir) / "config.json").read_text())
-        self.bounds = split_layers(config["num_hidden_layers"], num_stages)
+        bounds = split_layers(config["num_hidden_layers"], num_stages)
         bundle = {"CPU": cpus_per_stage, **({"GPU": gpus_per_stage} if gpus_per_stage else {})}
-        self.placement = placement_group([bundle] * num_stages, strategy=strategy)
-        ray.get(self.placement.ready())
+        placement = placement_group([bundle] * num_stages, strategy=strategy)
+        ray.get(placement.ready())
         remote_stage = ray.remote(TeacherStage)
-        self.stages = [
+        stages = [
             remote_stage.options(
+                name=f"{name}/stage-{i}",
                 num_cpus=cpus_per_stage,
                 num_gpus=gpus_per_stage,
+                max_restarts=max_restarts,
+                max_task_retries=-1 if max_restarts else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement, placement_group_bundle_index=i
+                    placement, placement_group_bundle_index=i
                 ),
             ).remote(model_dir, start, end, dtype, threads)
-            for i, (start, end) in enumerate(self.bounds)
+            for i, (start, end) in enumerate(bounds)
         ]
-        self.stage_info = ray.get([s.info.remote() for s in self.stages])  # loading errors surface here
+        return cls(stages, placement)
+
+    @classmethod
+    def attach(cls, name: str, num_stages: int) -> PipelineTeacher:
+        return cls([ray.get_actor(f"{name}/stage-{i}") for i in range(num_stages)])
+
+    def info(self):
+        """ObjectRef of a summary of the replica (waits for every stage to have loaded)."""
+        return _summarise.remote(*[s.info.remote() for s in self.stages])
 
     def _through_stages(self, payload: dict):
         ref = payload
@@ -230,4 +251,11 @@ class PipelineTeacher:
     def shutdown(self) -> None:
         for stage in self.stages:
             ray.kill(stage)
-        ray.util.remove_placement_group(self.placement)
+        if self.placement is not None:
+            ray.util.remove_placement_group(self.placement)
+
+
+@ray.remote(num_cpus=0)
+def _summarise(*stage_infos: dict) -> dict:
+    parameters = sum(i["parameters"] for i in stage_infos)
+    return {"stages": list(stage_infos), "parameters": parameters, "device": stage_infos[0]["device"]}

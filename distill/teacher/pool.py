@@ -8,6 +8,7 @@ import os
 import ray
 
 from distill.teacher.actor import TeacherActor
+from distill.teacher.pipeline import PipelineTeacher
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,36 @@ def actor_name(run_tag: str, index: int) -> str:
     return f"{run_tag}/teacher-{index}"
 
 
+class ActorReplica:
+    """A whole-model replica: one `TeacherActor`. Same submit interface as `PipelineTeacher`."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def submit_topk(self, request_id, input_ids, k, values_dtype="float16", hidden_layers=None):
+        return self.handle.topk.remote(request_id, input_ids, k, values_dtype, hidden_layers)
+
+    def submit_full_log_probs(self, input_ids):
+        return self.handle.full_log_probs.remote(input_ids)
+
+    def info(self):
+        return self.handle.info.remote()
+
+    def shutdown(self) -> None:
+        ray.kill(self.handle)
+
+
 class TeacherPool:
-    """The replicas of one teacher, addressed by name: `<run tag>/teacher-<i>` in the `distill` namespace."""
+    """The replicas of one teacher, addressed by name (`<run tag>/teacher-<i>[/stage-<s>]` in the
+    `distill` namespace) so student ranks in other processes or on other nodes can attach to them.
+
+    A replica is either one actor holding the whole model (`stages=1`) or a `PipelineTeacher` of
+    `stages` actors each holding a block of layers. Ray restarts a replica actor that dies (up to
+    `max_restarts` times) and re-runs the requests it had in flight.
+    """
 
     def __init__(self, actors: list):
-        self.actors = actors
+        self.actors = actors  # ActorReplica | PipelineTeacher, each with submit_topk / submit_full_log_probs
 
     @classmethod
     def start(
@@ -55,29 +81,57 @@ class TeacherPool:
         threads: int,
         cpus_per_replica: float,
         gpus_per_replica: float,
+        stages: int = 1,
+        placement_strategy: str = "PACK",
+        max_restarts: int = 3,
     ) -> TeacherPool:
-        remote_cls = ray.remote(TeacherActor)
-        actors = [
-            remote_cls.options(
-                name=actor_name(run_tag, i),
-                num_cpus=cpus_per_replica,
-                num_gpus=gpus_per_replica,
-                max_concurrency=1,
-            ).remote(model_dir, dtype, attn_implementation, threads)
-            for i in range(replicas)
-        ]
-        pool = cls(actors)
-        infos = pool.info()  # wait until every replica has loaded its model (errors surface here)
-        log.info("teacher pool ready: %d replica(s) of %s on %s", replicas, model_dir, infos[0]["device"])
+        if stages > 1:
+            pool = cls(
+                [
+                    PipelineTeacher.start(
+                        model_dir,
+                        stages,
+                        dtype,
+                        threads,
+                        cpus_per_replica / stages,
+                        gpus_per_replica / stages,
+                        placement_strategy,
+                        actor_name(run_tag, i),
+                        max_restarts,
+                    )
+                    for i in range(replicas)
+                ]
+            )
+        else:
+            remote_cls = ray.remote(TeacherActor)
+            pool = cls(
+                [
+                    ActorReplica(
+                        remote_cls.options(
+                            name=actor_name(run_tag, i),
+                            num_cpus=cpus_per_replica,
+                            num_gpus=gpus_per_replica,
+                            max_concurrency=1,
+                            max_restarts=max_restarts,
+                            max_task_retries=-1 if max_restarts else 0,
+                        ).remote(model_dir, dtype, attn_implementation, threads)
+                    )
+                    for i in range(replicas)
+                ]
+            )
+        pool.info()  # wait until every replica has loaded its model (errors surface here)
+        log.info("teacher pool ready: %d replica(s) x %d stage(s) of %s", replicas, stages, model_dir)
         return pool
 
     @classmethod
-    def attach(cls, run_tag: str, replicas: int) -> TeacherPool:
-        return cls([ray.get_actor(actor_name(run_tag, i)) for i in range(replicas)])
+    def attach(cls, run_tag: str, replicas: int, stages: int = 1) -> TeacherPool:
+        if stages > 1:
+            return cls([PipelineTeacher.attach(actor_name(run_tag, i), stages) for i in range(replicas)])
+        return cls([ActorReplica(ray.get_actor(actor_name(run_tag, i))) for i in range(replicas)])
 
-    def info(self) -> list[dict]:
-        return ray.get([a.info.remote() for a in self.actors])
+    def info(self) -> list:
+        return ray.get([replica.info() for replica in self.actors])
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        for replica in self.actors:
+            replica.shutdown()
