@@ -69,6 +69,7 @@ class TeacherStage:
 
         from distill.models import resolve_attn_implementation, resolve_dtype
 
+        self.rss_before_weights = self.memory()["VmRSS"]  # the Python/torch/transformers runtime alone
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
@@ -113,6 +114,12 @@ class TeacherStage:
             "parameters": sum(params.values()),
             "device": str(self.device),
         }
+
+    def memory(self) -> dict:
+        """This process's peak and current resident memory (MiB), from /proc (Linux)."""
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        sizes = {key: int(fields[key].split()[0]) / 1024 for key in ("VmHWM", "VmRSS")}
+        return {**sizes, "runtime": getattr(self, "rss_before_weights", sizes["VmRSS"])}
 
     @torch.no_grad()
     def run(self, payload: dict) -> dict:
