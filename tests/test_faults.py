@@ -1,0 +1,75 @@
+"""A teacher actor killed mid-run (kill -9) is restarted by Ray; its in-flight requests are retried and
+the run trains every step exactly once, with the same losses as an undisturbed run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_online import ROOT, metrics, tiny_overrides
+
+
+def teacher_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::TeacherActor"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_killed_teacher_is_restarted_and_every_step_trains_once(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    common = [
+        "trainer.max_steps=200",
+        "trainer.eval_every=1000",
+        "trainer.checkpoint_every=1000",
+        "stream.prefetch=3",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+
+    def start(run_dir):
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.train",
+                *tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *common),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    calm = start(tmp_path / "calm")
+    calm_out = calm.communicate(timeout=600)[0]
+    assert calm.returncode == 0, calm_out[-3000:]
+
+    disturbed_dir = tmp_path / "disturbed"
+    disturbed = start(disturbed_dir)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until training is under way, then kill the teacher
+        steps = (
+            [r for r in metrics(disturbed_dir) if "train/loss" in r]
+            if (disturbed_dir / "metrics.jsonl").exists()
+            else []
+        )
+        if len(steps) >= 5:
+            break
+        assert disturbed.poll() is None, disturbed.communicate()[0][-3000:]
+        time.sleep(0.2)
+    killed_at = len(steps)
+    victims = teacher_pids()
+    assert victims, "no teacher actor process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out = disturbed.communicate(timeout=600)[0]
+    assert disturbed.returncode == 0, out[-3000:]
+    assert set(teacher_pids()).isdisjoint(victims)  # the run ended; no killed process came back
+
+    calm_losses = [(r["step"], r["train/loss"]) for r in metrics(tmp_path / "calm") if "train/loss" in r]
+    disturbed_losses = [(r["step"], r["train/loss"]) for r in metrics(disturbed_dir) if "train/loss" in r]
+    assert killed_at < 150  # the teacher died mid-training, not during the final evaluation
+    assert [s for s, _ in disturbed_losses] == list(range(1, 201))  # every step exactly once
+    assert disturbed_losses == pytest.approx(calm_losses, rel=1e-6)  # same batches, same teacher outputs
