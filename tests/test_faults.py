@@ -73,3 +73,37 @@ def test_killed_teacher_is_restarted_and_every_step_trains_once(tiny_teacher_dir
     assert killed_at < 150  # the teacher died mid-training, not during the final evaluation
     assert [s for s, _ in disturbed_losses] == list(range(1, 201))  # every step exactly once
     assert disturbed_losses == pytest.approx(calm_losses, rel=1e-6)  # same batches, same teacher outputs
+
+
+def test_a_replica_that_stays_dead_is_dropped_and_none_left_is_a_clear_error(tiny_teacher_dir):
+    import numpy as np
+    import ray
+
+    from distill.stream import TeacherStream
+    from distill.stream.client import TeacherStreamError
+    from distill.teacher import TeacherPool, connect_ray
+
+    connect_ray(None, num_cpus=2)
+    pool = TeacherPool.start(
+        "faults",
+        str(tiny_teacher_dir),
+        replicas=2,
+        dtype="float32",
+        attn_implementation="sdpa",
+        threads=1,
+        cpus_per_replica=0.5,
+        gpus_per_replica=0,
+        max_restarts=0,
+    )
+    try:
+        batches = [np.full((1, 8), i, dtype=np.uint16) for i in range(6)]
+        stream = TeacherStream(pool.actors, topk=4, prefetch=2, values_dtype="float32", timeout_s=60)
+        ray.kill(pool.actors[1].handle, no_restart=True)
+        served = [out.request_id for _, out in stream.stream(batches, lambda b: b)]
+        assert served == list(range(6)) and len(stream.replicas) == 1  # requests of the dead one re-sent
+
+        ray.kill(pool.actors[0].handle, no_restart=True)
+        with pytest.raises(TeacherStreamError, match="every teacher replica is dead"):
+            list(stream.stream(batches, lambda b: b))
+    finally:
+        ray.shutdown()

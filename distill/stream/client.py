@@ -8,6 +8,7 @@ overlaps student compute, and at most `prefetch` requests per rank are ever in f
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,8 @@ import numpy as np
 import ray
 
 from distill.teacher.actor import TeacherOutput
+
+log = logging.getLogger("distill")
 
 
 class TeacherStreamError(RuntimeError):
@@ -51,28 +54,42 @@ class TeacherStream:
     ):
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be >= 1")
-        self.replicas, self.topk, self.prefetch = replicas, topk, prefetch
+        self.replicas, self.topk, self.prefetch = list(replicas), topk, prefetch
         self.values_dtype, self.timeout_s = values_dtype, timeout_s
         self.hidden_layers = list(hidden_layers) if hidden_layers else None
         self.stats = StreamStats()
         self._ids = itertools.count()
 
-    def _submit(self, input_ids: np.ndarray) -> tuple[int, Any]:
-        request_id = next(self._ids)
-        replica = self.replicas[request_id % len(self.replicas)]  # round-robin over replicas
-        return request_id, replica.submit_topk(
-            request_id, input_ids, self.topk, self.values_dtype, self.hidden_layers
-        )
-
-    def _receive(self, request_id: int, ref) -> TeacherOutput:
-        start = time.perf_counter()
-        try:
-            out: TeacherOutput = ray.get(ref, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError as e:
+    def _submit(self, input_ids: np.ndarray, request_id: int | None = None) -> tuple[int, Any, Any]:
+        """Send one request (round-robin over live replicas); returns (request id, replica, ObjectRef)."""
+        if request_id is None:
+            request_id = next(self._ids)
+        if not self.replicas:
             raise TeacherStreamError(
-                f"teacher gave no answer to request {request_id} in {self.timeout_s:.0f} s "
-                f"(stream.timeout_s); is the teacher pool alive and large enough?"
-            ) from e
+                "every teacher replica is dead (each exhausted its restarts); the run cannot continue"
+            )
+        replica = self.replicas[request_id % len(self.replicas)]
+        ref = replica.submit_topk(request_id, input_ids, self.topk, self.values_dtype, self.hidden_layers)
+        return request_id, replica, ref
+
+    def _receive(self, request: tuple, input_ids: np.ndarray) -> TeacherOutput:
+        """The reply to `request`; a replica that stays dead is dropped and the request sent elsewhere."""
+        request_id, replica, ref = request
+        start = time.perf_counter()
+        while True:
+            try:
+                out: TeacherOutput = ray.get(ref, timeout=self.timeout_s)
+                break
+            except ray.exceptions.GetTimeoutError as e:
+                raise TeacherStreamError(
+                    f"teacher gave no answer to request {request_id} in {self.timeout_s:.0f} s "
+                    f"(stream.timeout_s); is the teacher pool alive and large enough?"
+                ) from e
+            except ray.exceptions.RayActorError:  # raised only once Ray has given up restarting it
+                if replica in self.replicas:
+                    self.replicas.remove(replica)
+                    log.warning("teacher replica died for good; %d replica(s) left", len(self.replicas))
+                request_id, replica, ref = self._submit(input_ids, request_id)
         self.stats.wait_s += time.perf_counter() - start
         if out.request_id != request_id:
             raise TeacherStreamError(f"reply {out.request_id} arrived for request {request_id}")
@@ -86,13 +103,13 @@ class TeacherStream:
         pending: deque = deque()
         source = iter(batches)
         for batch in itertools.islice(source, self.prefetch):
-            pending.append((batch, *self._submit(input_ids_of(batch))))
+            pending.append((batch, self._submit(input_ids_of(batch))))
         while pending:
-            batch, request_id, ref = pending.popleft()
-            out = self._receive(request_id, ref)
+            batch, request = pending.popleft()
+            out = self._receive(request, input_ids_of(batch))
             nxt = next(source, None)
             if nxt is not None:
-                pending.append((nxt, *self._submit(input_ids_of(nxt))))
+                pending.append((nxt, self._submit(input_ids_of(nxt))))
             yield batch, out
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
