@@ -28,6 +28,8 @@ class TeacherConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     threads: int = 1  # torch intra-op threads inside each teacher actor (CPU)
+    # run tag of a running pool (`<tag>/teacher-<i>` at ray.address) to use instead of starting one
+    attach: str | None = None
 
 
 @dataclass
@@ -134,6 +136,13 @@ class RayConfig:
 
 
 @dataclass
+class LaunchConfig:
+    # local: this process starts the teacher pool and the student ranks | prepare: check everything and
+    # write the run directory, then exit (the Slurm scripts run the other steps on their nodes)
+    mode: str = "local"
+
+
+@dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -144,6 +153,7 @@ class DistillConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     run_dir: str | None = None  # None: Hydra's output directory
 
 
@@ -210,6 +220,11 @@ def validate(cfg: DictConfig) -> None:
     _at_least("features.weight", cfg.features.weight, 0)
     _choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
+    _choice("launch.mode", cfg.launch.mode, ("local", "prepare"))
+    if cfg.teacher.attach is not None and cfg.ray.address is None:
+        raise ConfigError(
+            f"teacher.attach={cfg.teacher.attach} needs ray.address=host:port of the pool's Ray cluster."
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -10,6 +10,11 @@ Ray cluster to reach the teacher actors, and trains the student with DeepSpeed:
             loss = Σ_tokens per-token loss / normaliser     -> mean over the global batch
                    (KD, plus the feature loss on the teacher's hidden states when features.layer_map is set)
             backward, step (DeepSpeed accumulates and steps at the boundary)
+        on SIGUSR1 (Slurm's warning before preemption), once every rank has seen it at a step boundary:
+            checkpoint, exit with PREEMPTED_EXIT (the batch script then requeues the job)
+
+Under `srun`, RANK / WORLD_SIZE / LOCAL_RANK come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, and
+the teacher pool and resume point from the run directory (`teacher.json`, `resume.json`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -39,6 +45,36 @@ from distill.teacher import TeacherPool, connect_ray
 from distill.tracking import Progress, RunLogger
 
 log = logging.getLogger("distill")
+PREEMPTED_EXIT = 75  # checkpointed on SIGUSR1 and stopped; the run continues after a requeue
+
+
+class Preemption:
+    """Remembers a SIGUSR1; the loop acts on it at the next optimizer-step boundary, on every rank at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGUSR1, self.request)
+
+    def request(self, *_):
+        self.requested = True
+
+
+def slurm_rank_env() -> None:
+    """Under `srun` (no launcher setting RANK), take rank and world size from Slurm's task variables."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env["SLURM_LOCALID"])
+
+
+def teacher_location(run_dir: Path) -> dict:
+    """Ray address, namespace and run tag of the pool: from launch.train (env) or launch.teacher (file)."""
+    if "DISTILL_RUN_TAG" in os.environ:
+        return {
+            "ray_address": os.environ.get("DISTILL_RAY_ADDRESS"),
+            "namespace": os.environ["DISTILL_RAY_NAMESPACE"],
+            "run_tag": os.environ["DISTILL_RUN_TAG"],
+        }
+    return json.loads((run_dir / "teacher.json").read_text())
 
 
 def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
@@ -55,6 +91,8 @@ def global_token_count(num_tokens: int) -> float:
 
 
 def main(run_dir: Path) -> None:
+    preemption = Preemption()
+    slurm_rank_env()
     cfg = load_run_config(run_dir)
     models = json.loads((run_dir / "models.json").read_text())
     t = cfg.trainer
@@ -69,8 +107,9 @@ def main(run_dir: Path) -> None:
     quiet_libraries()
     torch.manual_seed(t.seed)
 
-    connect_ray(os.environ.get("DISTILL_RAY_ADDRESS", cfg.ray.address), os.environ["DISTILL_RAY_NAMESPACE"])
-    teacher = TeacherPool.attach(os.environ["DISTILL_RUN_TAG"], cfg.teacher.replicas)
+    pool = teacher_location(run_dir)
+    connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
+    teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas)
 
     train = PackedDataset.load(run_dir / "data" / "train.npy")
     heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]
@@ -95,6 +134,8 @@ def main(run_dir: Path) -> None:
     ckpt_root = run_dir / "checkpoints"
     start_step = 0
     resume_from = os.environ.get("DISTILL_RESUME_FROM")
+    if resume_from is None and "DISTILL_RUN_TAG" not in os.environ:  # not started by launch.train
+        resume_from = json.loads((run_dir / "resume.json").read_text())["resume_from"]
     if resume_from:
         start_step = checkpoint.load(engine, Path(resume_from))["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
@@ -116,6 +157,7 @@ def main(run_dir: Path) -> None:
     micro_batches = ((step, idx) for step in range(start_step, stop) for idx in sampler.micro_batches(step))
     progress = Progress(t.max_steps, start_step, t.log_every)
     sums: dict[str, float] = {}
+    preempted = False
     step_start, wait_start, normaliser = time.perf_counter(), stream.stats.wait_s, 0.0
     for i, ((step, idx), teacher_out) in enumerate(
         stream.stream(micro_batches, lambda mb: train.tokens[mb[1]])
@@ -138,9 +180,11 @@ def main(run_dir: Path) -> None:
         done = step + 1
         elapsed = time.perf_counter() - step_start
         waited = stream.stats.wait_s - wait_start
-        totals = torch.tensor([sums.pop("loss"), elapsed, waited, *sums.values()], dtype=torch.float64)
+        totals = [sums.pop("loss"), elapsed, waited, *sums.values(), float(preemption.requested)]
+        totals = torch.tensor(totals, dtype=torch.float64)
         dist.all_reduce(totals)
-        loss_sum, elapsed_sum, waited_sum, *rest = totals.tolist()
+        loss_sum, elapsed_sum, waited_sum, *rest, preempt_votes = totals.tolist()
+        preempted = preempt_votes > 0 and done < stop  # every rank sees the same sum: all stop together
         reduced = dict(zip(sums, rest))
         tokens = reduced.get("tokens", normaliser)
         metrics = {
@@ -160,12 +204,18 @@ def main(run_dir: Path) -> None:
 
         if done % t.eval_every == 0 and done != t.max_steps:
             run_eval(done)
-        if done % t.checkpoint_every == 0 or done == stop:
+        if done % t.checkpoint_every == 0 or done == stop or preempted:
             path = checkpoint.save(engine, ckpt_root, done, {"step": done}, t.keep_checkpoints)
             if rank == 0:
                 log.info("checkpoint saved: %s", path)
+        if preempted:
+            break
 
-    if stop == t.max_steps:
+    if preempted:
+        if rank == 0:
+            log.info("preempted (SIGUSR1): stopped after the checkpoint at step %d; requeue to resume", done)
+            logger.finish()
+    elif stop == t.max_steps:
         final = run_eval(t.max_steps)
         export_pretrained(engine, tokenizer, run_dir / "student")
         if rank == 0:
@@ -180,6 +230,8 @@ def main(run_dir: Path) -> None:
         logger.finish()
     dist.barrier()
     dist.destroy_process_group()
+    if preempted:
+        sys.exit(PREEMPTED_EXIT)
 
 
 def quiet_libraries() -> None:

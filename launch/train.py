@@ -1,8 +1,12 @@
 """Online distillation: `python -m launch.train [group=option ...] [key=value ...]`.
 
 The driver checks everything that can be checked cheaply (config, model folders, vocabularies, data,
-resume target) before any model is loaded, then starts the Ray teacher pool, launches the DeepSpeed
-student ranks (`launch.student`), waits for them and prints the run's summary.
+resume target) before any model is loaded, then starts the Ray teacher pool (or attaches to a running
+one: `teacher.attach=<run tag> ray.address=host:port`), launches the DeepSpeed student ranks
+(`launch.student`), waits for them and prints the run's summary.
+
+`launch.mode=prepare` does only the checks and writes the run directory; the Slurm scripts (`slurm/`)
+then run the other steps on their nodes: `launch.teacher`, `launch.student` per task, `launch.summary`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -93,6 +98,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     models = {"teacher": teacher_dir, "student": student_dir}
     (run_dir / "models.json").write_text(json.dumps(models, indent=1))
+    resume = {"resume_from": str(resume_from) if resume_from else None}
+    (run_dir / "resume.json").write_text(json.dumps(resume))  # read by ranks started without the driver
     return {"resume_from": resume_from, **models}
 
 
@@ -190,17 +197,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     import ray
 
     tc = cfg.teacher
-    run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
-    pool = TeacherPool.start(
-        run_tag,
-        prepared["teacher"],
-        tc.replicas,
-        tc.dtype,
-        tc.attn_implementation,
-        tc.threads,
-        tc.cpus_per_replica,
-        tc.gpus_per_replica,
-    )
+    if tc.attach:  # a pool someone else started (and will stop): e.g. one teacher for a whole sweep
+        run_tag, pool = tc.attach, TeacherPool.attach(tc.attach, tc.replicas)
+        log.info("attached to teacher pool %s: %s", run_tag, pool.info()[0]["device"])
+    else:
+        run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
+        pool = start_pool(run_tag, prepared["teacher"], tc)
     try:
         launch_ranks(
             run_dir,
@@ -211,14 +213,44 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             cfg.ray.namespace,
         )
     finally:
-        pool.shutdown()
+        if not tc.attach:
+            pool.shutdown()
     return summarize(run_dir)
+
+
+def start_pool(run_tag: str, teacher_dir: str, tc: DictConfig) -> TeacherPool:
+    return TeacherPool.start(
+        run_tag,
+        teacher_dir,
+        tc.replicas,
+        tc.dtype,
+        tc.attn_implementation,
+        tc.threads,
+        tc.cpus_per_replica,
+        tc.gpus_per_replica,
+    )
+
+
+def name_sweep_point(cfg: DictConfig) -> None:
+    """In a sweep (`-m`) every point logs to one W&B group (the sweep dir's name) as run <group>-<n>."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    if cfg.logger.group is None:
+        cfg.logger.group = Path(hc.sweep.dir).name
+    if cfg.logger.name is None:
+        cfg.logger.name = f"{cfg.logger.group}-{hc.job.num}"
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
+    name_sweep_point(cfg)
+    if cfg.launch.mode == "prepare":
+        prepare(cfg, run_dir.resolve())
+        print(f"prepared {run_dir.resolve()}")
+        return {}
     summary = run(cfg, run_dir)
     print_summary(summary)
     return summary

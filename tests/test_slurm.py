@@ -1,0 +1,174 @@
+"""The real sbatch scripts on a real (private, multi-node, one-host) Slurm cluster, with the tiny models.
+
+The session fixture starts the cluster with `slurm/local-cluster/start.sh` (root only; installs Debian's
+slurm-wlm + munge on first use) and stops it at the end if it started it. Jobs inherit this process's
+environment (sbatch exports it), so they see the same Python and the project on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_online import exported_weights, metrics, run_train, tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "slurm" / "local-cluster"
+SLURM_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/local-slurm"))
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict:
+    if os.geteuid() != 0:
+        pytest.skip("the private Slurm cluster (slurm/local-cluster/start.sh) needs root")
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(SLURM_DIR), "SLURM_LOCAL_NODES": "4"}
+    pid_file = SLURM_DIR / "run" / "slurmctld.pid"
+    was_running = pid_file.exists() and Path(f"/proc/{pid_file.read_text().strip()}").exists()
+    subprocess.run(["bash", str(CLUSTER / "start.sh")], env=env, check=True, capture_output=True, timeout=300)
+    job_env = {
+        **env,
+        "SLURM_CONF": str(SLURM_DIR / "etc" / "slurm.conf"),
+        "PYTHONPATH": str(ROOT),
+        "PYTHON": sys.executable,
+        "WANDB_MODE": "offline",
+    }
+    yield job_env
+    if not was_running:
+        subprocess.run(["bash", str(CLUSTER / "stop.sh")], env=env, capture_output=True, timeout=120)
+
+
+def job_info(env: dict, job_id: str) -> dict:
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True
+    ).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
+
+
+def wait_job(env: dict, job_id: str, timeout: float, restarts: int = 0) -> dict:
+    """Poll `scontrol show job` until the job ends (after at least `restarts` requeues)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(env, job_id)
+        if info.get("JobState") in FINAL and int(info.get("Restarts", 0)) >= restarts:
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], env=env)
+    raise TimeoutError(f"job {job_id} still {job_info(env, job_id).get('JobState')} after {timeout} s")
+
+
+def submit(env: dict, script: str, run_dir: Path, overrides: list[str], *sbatch_args: str) -> str:
+    overrides = [o for o in overrides if not o.startswith("run_dir=")]  # the script owns run_dir
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={run_dir.parent}/{run_dir.name}-%j.out",
+            f"--export=ALL,RUN_DIR={run_dir}",
+            *sbatch_args,
+            str(ROOT / "slurm" / script),
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    return (run_dir.parent / f"{run_dir.name}-{job_id}.out").read_text()
+
+
+def assert_trained(run_dir: Path, steps: int) -> None:
+    assert [r["step"] for r in metrics(run_dir) if "train/loss" in r] == list(range(1, steps + 1))
+    assert (run_dir / "student" / "model.safetensors").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["kl"] < summary["before"]["kl"]
+
+
+@pytest.mark.parametrize("script", ["distill.sbatch", "distill-het.sbatch"])
+def test_two_node_run_trains_and_exports(script, slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(slurm_env, script, run_dir, tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir))
+    info = wait_job(slurm_env, job, timeout=240)
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "teachers node1, students node2 x 1 ranks" in log  # one node per role
+    assert_trained(run_dir, 8)
+    assert not list(Path("/tmp").glob(f"ray-distill-{job}")), "the job left its Ray directory behind"
+
+
+def test_requeue_resumes_to_the_uninterrupted_weights(
+    slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    common = [
+        "trainer.num_ranks=1",
+        "trainer.max_steps=300",
+        "trainer.checkpoint_every=100",
+        "trainer.eval_every=1000",
+        "trainer.log_every=50",
+    ]
+    run_dir, straight = tmp_path / "preempted", tmp_path / "straight"
+    job = submit(
+        slurm_env,
+        "distill.sbatch",
+        run_dir,
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *common),
+    )
+    # the uninterrupted reference, locally, while the job starts
+    reference = run_train(tiny_overrides(tiny_teacher_dir, tiny_student_dir, straight, *common))
+    assert reference.returncode == 0
+
+    # mid-run, deliver the warning exactly as `--signal=B:USR1@...` does: to the batch shell only
+    deadline = time.monotonic() + 180
+    while not (run_dir / "metrics.jsonl").exists() or not [r for r in metrics(run_dir) if r["step"] >= 20]:
+        assert time.monotonic() < deadline and job_info(slurm_env, job)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_env, check=True)
+
+    info = wait_job(slurm_env, job, timeout=300, restarts=1)
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert "SIGUSR1" in log and "requeueing job" in log and "resumed from" in log
+    assert_trained(run_dir, 300)  # every step trained exactly once across the two starts
+    a, b = exported_weights(straight), exported_weights(run_dir)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sweep_submits_one_job_per_point(slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    sweep = tmp_path / "sweep-t"
+    overrides = tiny_overrides(
+        tiny_teacher_dir, tiny_student_dir, sweep, "logger=wandb", "trainer.num_ranks=1"
+    )
+    overrides = [o for o in overrides if not o.startswith("run_dir=")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}"]
+        + ["loss.temperature=1,2,4", *overrides],
+        cwd=ROOT,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for point, temperature in enumerate([1.0, 2.0, 4.0]):
+        run_dir = sweep / str(point)
+        assert_trained(run_dir, 8)
+        cfg = (run_dir / "config.yaml").read_text()
+        assert f"temperature: {temperature}" in cfg
+        assert "group: sweep-t\n" in cfg and f"name: sweep-t-{point}\n" in cfg  # one W&B group
+        assert list((run_dir / "wandb").glob("offline-run-*"))
+    job_ids = {p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)}
+    assert len(job_ids) == 3  # one Slurm job (array task <id>_<point>) per point
