@@ -28,6 +28,9 @@ class TeacherConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     threads: int = 1  # torch intra-op threads inside each teacher actor (CPU)
+    stages: int = 1  # >1: each replica is a pipeline of this many stage actors (resources split evenly)
+    placement_strategy: str = "PACK"  # PACK: stages on one node where possible; SPREAD: across nodes
+    max_restarts: int = 3  # Ray restarts a dead replica actor this often, re-running its requests
     # run tag of a running pool (`<tag>/teacher-<i>` at ray.address) to use instead of starting one
     attach: str | None = None
 
@@ -216,6 +219,13 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet"))
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.threads", cfg.teacher.threads, 1)
+    _at_least("teacher.stages", cfg.teacher.stages, 1)
+    _at_least("teacher.max_restarts", cfg.teacher.max_restarts, 0)
+    _choice(
+        "teacher.placement_strategy",
+        cfg.teacher.placement_strategy,
+        ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    )
     _choice("features.loss", cfg.features.loss, ("mse", "cosine"))
     _at_least("features.weight", cfg.features.weight, 0)
     _choice("logger.backend", cfg.logger.backend, ("wandb", "none"))

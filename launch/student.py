@@ -109,7 +109,7 @@ def main(run_dir: Path) -> None:
 
     pool = teacher_location(run_dir)
     connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
-    teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas)
+    teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas, cfg.teacher.stages)
 
     train = PackedDataset.load(run_dir / "data" / "train.npy")
     heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.config import ConfigError, register_configs, validate
 from distill.data import prepare_datasets
-from distill.models import load_tokenizer, vocab_size
+from distill.models import load_tokenizer, num_hidden_layers, vocab_size
 from distill.student import checkpoint
 from distill.student.objective import resolve_layer_map
 from distill.teacher import TeacherPool, connect_ray
@@ -84,6 +84,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
         )
     if cfg.stream.topk > teacher_vocab:
         raise ConfigError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({teacher_vocab}).")
+    if cfg.teacher.stages > (layers := num_hidden_layers(teacher_dir)):
+        raise ConfigError(f"teacher.stages={cfg.teacher.stages} exceeds the teacher's {layers} layers.")
     if cfg.features.layer_map is not None:
         resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir)  # every index within both depths
     t = cfg.trainer
@@ -198,7 +200,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     tc = cfg.teacher
     if tc.attach:  # a pool someone else started (and will stop): e.g. one teacher for a whole sweep
-        run_tag, pool = tc.attach, TeacherPool.attach(tc.attach, tc.replicas)
+        run_tag, pool = tc.attach, TeacherPool.attach(tc.attach, tc.replicas, tc.stages)
         log.info("attached to teacher pool %s: %s", run_tag, pool.info()[0]["device"])
     else:
         run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
@@ -228,6 +230,9 @@ def start_pool(run_tag: str, teacher_dir: str, tc: DictConfig) -> TeacherPool:
         tc.threads,
         tc.cpus_per_replica,
         tc.gpus_per_replica,
+        stages=tc.stages,
+        placement_strategy=tc.placement_strategy,
+        max_restarts=tc.max_restarts,
     )
 
 

@@ -66,3 +66,33 @@ def test_pipeline_topk_equals_the_unsharded_model(
     hidden = out.hidden_tensors()
     for layer in (0, 2):
         torch.testing.assert_close(hidden[layer], ref.hidden_states[layer + 1], rtol=0, atol=1e-5)
+
+
+def test_online_run_with_a_two_stage_teacher(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    from test_online import metrics, run_train, tiny_overrides
+
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        tiny_overrides(
+            tiny_teacher_dir,
+            tiny_student_dir,
+            run_dir,
+            "teacher.stages=2",
+            "trainer.max_steps=16",
+            "trainer.eval_every=8",
+            "trainer.lr=1e-2",
+        )
+    )
+    assert proc.returncode == 0
+    evals = [r for r in metrics(run_dir) if "eval/kl" in r]
+    assert evals[-1]["eval/kl"] < 0.8 * evals[0]["eval/kl"]
+
+
+def test_more_stages_than_layers_is_refused_before_compute(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    from test_validation import compose_cfg
+
+    from distill.config import ConfigError
+    from launch.train import prepare
+
+    with pytest.raises(ConfigError, match="teacher.stages=4 exceeds the teacher's 3 layers"):
+        prepare(compose_cfg(tiny_teacher_dir, tiny_student_dir, "teacher.stages=4"), tmp_path / "run")
