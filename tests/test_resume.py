@@ -58,3 +58,57 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_teacher_dir, tiny_student_d
     # and a half-written one (no manifest) is never taken as the latest
     shutil.copytree(ckpt, resumed / "checkpoints" / ".tmp-step-000008")
     assert latest(resumed / "checkpoints") == ckpt
+
+
+def test_sigterm_without_warning_leaves_the_last_periodic_checkpoint_intact(
+    tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """SIGTERM to the driver and every rank mid-run (what Slurm does at a hard kill): the newest
+    checkpoint verifies, and the run resumes from it to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_online import ROOT
+
+    from distill.student.checkpoint import verify
+
+    run_dir = tmp_path / "run"
+    settings = ["trainer.max_steps=400", "trainer.checkpoint_every=10", "trainer.eval_every=1000"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            *tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *settings),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while latest(run_dir / "checkpoints") is None or latest(run_dir / "checkpoints").name < "step-000030":
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    ranks = subprocess.run(
+        ["pgrep", "-f", f"launch.student {run_dir}"], capture_output=True, text=True
+    ).stdout
+    for pid in [driver.pid, *map(int, ranks.split())]:
+        os.kill(pid, signal.SIGTERM)
+    driver.wait(timeout=120)
+    newest = latest(run_dir / "checkpoints")
+    verify(newest)  # raises if any file of it is missing or corrupt
+    stopped_at = int(newest.name.split("-")[1])
+    assert stopped_at < 400
+
+    again = run_train(
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *settings, "trainer.resume=latest")
+    )
+    assert again.returncode == 0
+    steps = [r["step"] for r in metrics(run_dir) if "train/loss" in r]
+    assert (run_dir / "student").is_dir()
+    assert steps[-(400 - stopped_at) :] == list(range(stopped_at + 1, 401))  # resumed right after it
