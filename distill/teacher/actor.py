@@ -68,6 +68,38 @@ class TeacherOutput:
         return self.values.nbytes + self.indices.nbytes + hidden
 
 
+def pack_output(
+    request_id: int,
+    log_probs: torch.Tensor,
+    k: int,
+    values_dtype: str,
+    vocab_size: int,
+    compute_s: float,
+    hidden: torch.Tensor | None = None,
+    hidden_layers: list[int] | None = None,
+) -> TeacherOutput:
+    """The reply for one micro-batch: top-k of full-vocabulary log-probs [B, T, V] in compact dtypes,
+    plus hidden states [n_layers, B, T, H] of `hidden_layers` when asked for."""
+    values, indices = torch.topk(log_probs, k, dim=-1)
+    hidden_np = None
+    if hidden is not None:
+        hidden_np = _to_numpy(hidden, values_dtype)
+        if values_dtype == "float16" and not np.isfinite(hidden_np).all():
+            raise ValueError(
+                f"teacher hidden states of layers {hidden_layers} overflow float16 (|x| > 65504); "
+                "use stream.values_dtype=bfloat16 or float32"
+            )
+    return TeacherOutput(
+        request_id,
+        _to_numpy(values, values_dtype),
+        indices.cpu().numpy().astype(index_dtype(vocab_size)),
+        values_dtype,
+        compute_s,
+        hidden=hidden_np,
+        hidden_layers=hidden_layers,
+    )
+
+
 class TeacherActor:
     """Hosts one teacher replica; wrapped with `ray.remote` by `TeacherPool`."""
 
@@ -132,25 +164,9 @@ class TeacherActor:
         if hidden_layers:
             self._check_layers(hidden_layers)
         log_probs, hidden = self._forward(input_ids, hidden_layers)
-        values, indices = torch.topk(log_probs, k, dim=-1)
-        values_np = _to_numpy(values, values_dtype)
-        indices_np = indices.cpu().numpy().astype(index_dtype(self.vocab_size))
-        hidden_np = None
-        if hidden is not None:
-            hidden_np = _to_numpy(hidden, values_dtype)
-            if values_dtype == "float16" and not np.isfinite(hidden_np).all():
-                raise ValueError(
-                    f"teacher hidden states of layers {hidden_layers} overflow float16 (|x| > 65504); "
-                    "use stream.values_dtype=bfloat16 or float32"
-                )
-        return TeacherOutput(
-            request_id,
-            values_np,
-            indices_np,
-            values_dtype,
-            time.perf_counter() - start,
-            hidden=hidden_np,
-            hidden_layers=hidden_layers,
+        compute_s = time.perf_counter() - start
+        return pack_output(
+            request_id, log_probs, k, values_dtype, self.vocab_size, compute_s, hidden, hidden_layers
         )
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:

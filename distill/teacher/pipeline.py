@@ -23,7 +23,7 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors import safe_open
 
-from distill.teacher.actor import TeacherOutput, _to_numpy, index_dtype
+from distill.teacher.actor import TeacherOutput, pack_output
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
@@ -160,21 +160,17 @@ class TeacherStage:
     def topk(self, payload: dict, request_id: int, k: int, values_dtype: str) -> TeacherOutput:
         """Last stage only: top-k of the full-vocabulary log-probs, packed like `TeacherActor.topk`."""
         result = self.run(payload)
-        values, indices = torch.topk(result["log_probs"], k, dim=-1)
-        layers = payload.get("hidden_layers")
-        hidden = None
-        if layers:
-            hidden = _to_numpy(
-                torch.from_numpy(np.stack([result["collected"][j] for j in layers])), values_dtype
-            )
-        return TeacherOutput(
+        layers = list(payload["hidden_layers"]) if payload.get("hidden_layers") else None
+        hidden = torch.from_numpy(np.stack([result["collected"][j] for j in layers])) if layers else None
+        return pack_output(
             request_id,
-            _to_numpy(values, values_dtype),
-            indices.cpu().numpy().astype(index_dtype(self.config.vocab_size)),
+            result["log_probs"],
+            k,
             values_dtype,
+            self.config.vocab_size,
             result["compute_s"],
-            hidden=hidden,
-            hidden_layers=list(layers) if layers else None,
+            hidden,
+            layers,
         )
 
     def full_log_probs(self, payload: dict) -> np.ndarray:
