@@ -20,6 +20,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
+    # live: Ray teacher actors run during training | cached: read a teacher-signal cache written once by
+    # `launch.cache` (no teacher runs) | none: no teacher, plain cross-entropy (SFT, specialist teachers)
+    source: str = "live"
     # `_target_` node returning the teacher's Hugging Face folder, e.g. distill.models.resolve_model
     model: Any = MISSING
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
@@ -217,6 +220,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < d.heldout_fraction < 1:
         raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1.")
     _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet"))
+    _choice("teacher.source", cfg.teacher.source, ("live", "cached", "none"))
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.threads", cfg.teacher.threads, 1)
     _at_least("teacher.stages", cfg.teacher.stages, 1)

@@ -73,6 +73,8 @@ def resolve_resume(mode: str, ckpt_root: Path) -> Path | None:
 def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     """Everything that fails fast: returns what the ranks need, written into the run directory."""
     validate(cfg)
+    if cfg.teacher.source != "live":  # replaced as the cached / no-teacher paths land
+        raise ConfigError(f"teacher.source={cfg.teacher.source} is not implemented yet; use live.")
     build(cfg.loss)  # the loss validates its own arguments
     resume_from = resolve_resume(str(cfg.trainer.resume), run_dir / "checkpoints")
     teacher_dir, student_dir = str(build(cfg.teacher.model)), str(build(cfg.student.model))
