@@ -64,7 +64,7 @@ class DataConfig:
     source: str = (
         "pydoc_topics"  # a builtin corpus name, or a path to .txt / .jsonl / .parquet (file or folder)
     )
-    format: str = "auto"  # auto | text | jsonl | parquet
+    format: str = "auto"  # auto | text | jsonl | parquet | completions (prompt + completion, prompt masked)
     text_field: str = "text"
     seq_len: int = 256
     heldout_fraction: float = 0.1
@@ -181,7 +181,7 @@ def _at_least(key: str, value: float, low: float) -> None:
 def validate(cfg: DictConfig) -> None:
     """Range and cross-field checks that types alone cannot express."""
     t, s, d, st = cfg.trainer, cfg.stream, cfg.data, cfg.student
-    if st.model is MISSING or cfg.teacher.model is MISSING:
+    if st.model is MISSING or (cfg.teacher.model is MISSING and cfg.teacher.source != "none"):
         raise ConfigError("teacher.model and student.model must be set (pick teacher=... student=...).")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"trainer.zero_stage={t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
@@ -219,7 +219,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("data.heldout_sequences", d.heldout_sequences, 1)
     if not 0 < d.heldout_fraction < 1:
         raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1.")
-    _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet"))
+    _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet", "completions"))
     _choice("teacher.source", cfg.teacher.source, ("live", "cached", "none"))
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.threads", cfg.teacher.threads, 1)

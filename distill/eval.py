@@ -3,6 +3,7 @@
 The training loss only sees the teacher's top-k (a biased-low estimate of the KL), so evaluation asks
 the teacher for full-vocabulary log-probs and reports the exact KL(teacher‖student), top-1 agreement
 and perplexity. Sums are all-reduced, so every rank evaluates its own shard of the held-out set.
+With no teacher (`teacher.source=none`), `evaluate_student` reports the student's perplexity alone.
 """
 
 from __future__ import annotations
@@ -14,13 +15,25 @@ import torch
 import torch.distributed as dist
 
 
+def _counted(mask: np.ndarray | None, start: int, ids: torch.Tensor) -> torch.Tensor:
+    """The positions of this micro-batch that count: `mask` rows from `start`, or all of them."""
+    if mask is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    return torch.from_numpy(mask[start : start + len(ids)]).to(ids.device, torch.bool)
+
+
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, sequences: np.ndarray, teacher_log_probs, micro_batch: int
+    model: torch.nn.Module,
+    sequences: np.ndarray,
+    teacher_log_probs,
+    micro_batch: int,
+    mask: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Metrics of `model` on this rank's `sequences` [N, T]; collective (every rank must call it).
 
     `teacher_log_probs(input_ids) -> np.ndarray [B, T, V]` returns full-vocabulary teacher log-probs.
+    `mask` [N, T] (positions that count, e.g. those predicting completion tokens; None = all).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -31,14 +44,15 @@ def evaluate(
         ids = torch.from_numpy(batch.astype(np.int64)).to(device)
         log_p = torch.tensor(teacher_log_probs(batch), dtype=torch.float64, device=device)
         log_q = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        labels = ids[:, 1:]
-        nll = -log_q[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        teacher_nll = -log_p[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        counted = _counted(mask, start, ids)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)[counted]
+        labels, counted_labels = ids[:, 1:], counted[:, :-1]
+        nll = -log_q[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)[counted_labels]
+        teacher_nll = -log_p[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)[counted_labels]
         sums += torch.tensor(
             [
                 kl.sum(),
-                (log_p.argmax(-1) == log_q.argmax(-1)).sum(),
+                (log_p.argmax(-1) == log_q.argmax(-1))[counted].sum(),
                 kl.numel(),
                 nll.sum(),
                 teacher_nll.sum(),
@@ -56,3 +70,26 @@ def evaluate(
         "ppl": math.exp(nll / label_positions),
         "teacher_ppl": math.exp(teacher_nll / label_positions),
     }
+
+
+@torch.no_grad()
+def evaluate_student(
+    model: torch.nn.Module, sequences: np.ndarray, micro_batch: int, mask: np.ndarray | None = None
+) -> dict[str, float]:
+    """With no teacher (`teacher.source=none`): the student's perplexity on the next tokens of the counted
+    positions (`mask`, e.g. completion tokens; None = all). Collective, like `evaluate`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)  # nll, label positions
+    for start in range(0, len(sequences), micro_batch):
+        ids = torch.from_numpy(sequences[start : start + micro_batch].astype(np.int64)).to(device)
+        counted = _counted(mask, start, ids)[:, :-1]
+        log_q = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
+        nll = -log_q.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[counted]
+        sums += torch.tensor([nll.sum(), nll.numel()], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    nll, label_positions = sums.tolist()
+    return {"ppl": math.exp(nll / label_positions)}

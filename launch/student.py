@@ -35,9 +35,10 @@ from hydra.utils import instantiate
 
 from distill.config import load_run_config
 from distill.data import PackedDataset, StepSampler
-from distill.eval import evaluate
+from distill.data.completions import load_position_mask
+from distill.eval import evaluate, evaluate_student
 from distill.models import load_causal_lm, load_tokenizer
-from distill.stream import TeacherStream
+from distill.stream import StreamStats, TeacherStream
 from distill.student import checkpoint
 from distill.student.engine import build_engine, export_pretrained, init_distributed
 from distill.student.objective import StudentObjective, build_projector
@@ -57,6 +58,16 @@ class Preemption:
 
     def request(self, *_):
         self.requested = True
+
+
+class NoTeacher:
+    """`teacher.source=none` in the stream's place: micro-batches come with no teacher output."""
+
+    def __init__(self):
+        self.stats = StreamStats()
+
+    def stream(self, batches, _input_ids_of):
+        return ((batch, None) for batch in batches)
 
 
 def slurm_rank_env() -> None:
@@ -107,12 +118,28 @@ def main(run_dir: Path) -> None:
     quiet_libraries()
     torch.manual_seed(t.seed)
 
-    pool = teacher_location(run_dir)
-    connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
-    teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas, cfg.teacher.stages)
+    live = cfg.teacher.source == "live"  # none: no teacher at all, plain cross-entropy
+    if live:
+        pool = teacher_location(run_dir)
+        connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
+        teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas, cfg.teacher.stages)
 
     train = PackedDataset.load(run_dir / "data" / "train.npy")
     heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]
+    # data.format=completions: only positions predicting a completion token count (None: all of them)
+    train_positions = load_position_mask(run_dir / "data" / "train_mask.npy")
+    heldout_positions = load_position_mask(run_dir / "data" / "heldout_mask.npy")
+    heldout_positions = None if heldout_positions is None else heldout_positions[rank::world]
+
+    def loss_mask(idx: np.ndarray) -> np.ndarray:
+        """The positions of training sequences `idx` that count in the loss. Plain text: all of them,
+        except the last one with no teacher (cross-entropy needs a next token; KD does not)."""
+        if train_positions is not None:
+            return train_positions[idx]
+        mask = np.ones((len(idx), train.seq_len), dtype=np.bool_)
+        mask[:, -1] = live
+        return mask
+
     tokenizer = load_tokenizer(models["student"])
     model = load_causal_lm(models["student"], dtype="float32")
     if cfg.student.gradient_checkpointing:
@@ -120,14 +147,16 @@ def main(run_dir: Path) -> None:
     projector = build_projector(cfg.features, models["student"], models["teacher"], seed=t.seed)
     objective = StudentObjective(model, instantiate(cfg.loss), fused=t.fused_loss, projector=projector)
     engine = build_engine(objective, t, world)
-    stream = TeacherStream(
-        teacher.actors,
-        cfg.stream.topk,
-        cfg.stream.prefetch,
-        cfg.stream.values_dtype,
-        cfg.stream.timeout_s,
-        hidden_layers=objective.teacher_layers,  # None unless feature distillation is on
-    )
+    stream = NoTeacher()
+    if live:
+        stream = TeacherStream(
+            teacher.actors,
+            cfg.stream.topk,
+            cfg.stream.prefetch,
+            cfg.stream.values_dtype,
+            cfg.stream.timeout_s,
+            hidden_layers=objective.teacher_layers,  # None unless feature distillation is on
+        )
     device = engine.device
     sampler = StepSampler(len(train), t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed)
 
@@ -143,7 +172,11 @@ def main(run_dir: Path) -> None:
     logger = RunLogger(run_dir, cfg.logger, json.loads(json.dumps(cfg_dict(cfg))), enabled=rank == 0)
 
     def run_eval(step: int) -> dict:
-        metrics = evaluate(engine.module.model, heldout, stream.full_log_probs, t.micro_batch_size)
+        if not live:  # no teacher: the student's perplexity alone
+            metrics = evaluate_student(engine.module.model, heldout, t.micro_batch_size, heldout_positions)
+        else:
+            log_probs, micro = stream.full_log_probs, t.micro_batch_size
+            metrics = evaluate(engine.module.model, heldout, log_probs, micro, heldout_positions)
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         if rank == 0:
             log.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -163,11 +196,14 @@ def main(run_dir: Path) -> None:
         stream.stream(micro_batches, lambda mb: train.tokens[mb[1]])
     ):
         if i % t.grad_accum_steps == 0:
-            normaliser = global_token_count(len(idx) * train.seq_len * t.grad_accum_steps)
+            counted = sum(int(loss_mask(mb).sum()) for mb in sampler.micro_batches(step))
+            normaliser = global_token_count(counted)  # counted positions of the step, all ranks
         ids = torch.from_numpy(train.tokens[idx].astype(np.int64)).to(device)
-        values, indices = (x.to(device) for x in teacher_out.tensors())
-        hidden = {layer: h.to(device) for layer, h in teacher_out.hidden_tensors().items()}  # {} if off
-        labels, mask = next_token_labels(ids), torch.ones_like(ids, dtype=torch.bool)
+        values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
+        if teacher_out is not None:
+            values, indices = (x.to(device) for x in teacher_out.tensors())
+            hidden = {layer: h.to(device) for layer, h in teacher_out.hidden_tensors().items()}
+        labels, mask = next_token_labels(ids), torch.from_numpy(loss_mask(idx)).to(device)
         loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
         engine.backward(loss * scale)
         engine.step()

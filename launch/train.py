@@ -73,21 +73,32 @@ def resolve_resume(mode: str, ckpt_root: Path) -> Path | None:
 def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     """Everything that fails fast: returns what the ranks need, written into the run directory."""
     validate(cfg)
-    if cfg.teacher.source != "live":  # replaced as the cached / no-teacher paths land
+    if cfg.teacher.source == "cached":  # replaced as the cached path lands
         raise ConfigError(f"teacher.source={cfg.teacher.source} is not implemented yet; use live.")
+    no_teacher = cfg.teacher.source == "none"  # plain cross-entropy: no teacher is checked or started
+    if no_teacher and cfg.features.layer_map is not None:
+        raise ConfigError(
+            "features.layer_map needs a teacher's hidden states, and teacher.source=none has no teacher; "
+            "use features=none."
+        )
     build(cfg.loss)  # the loss validates its own arguments
     resume_from = resolve_resume(str(cfg.trainer.resume), run_dir / "checkpoints")
-    teacher_dir, student_dir = str(build(cfg.teacher.model)), str(build(cfg.student.model))
-    teacher_vocab, student_vocab = vocab_size(teacher_dir), vocab_size(student_dir)
-    if teacher_vocab != student_vocab:
-        raise ConfigError(
-            f"teacher vocabulary ({teacher_vocab} tokens, {teacher_dir}) differs from the student's "
-            f"({student_vocab} tokens, {student_dir}); online top-k distillation needs one shared tokenizer."
-        )
-    if cfg.stream.topk > teacher_vocab:
-        raise ConfigError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({teacher_vocab}).")
-    if cfg.teacher.stages > (layers := num_hidden_layers(teacher_dir)):
-        raise ConfigError(f"teacher.stages={cfg.teacher.stages} exceeds the teacher's {layers} layers.")
+    teacher_dir, student_dir = None, str(build(cfg.student.model))
+    if not no_teacher:
+        teacher_dir = str(build(cfg.teacher.model))
+        teacher_vocab, student_vocab = vocab_size(teacher_dir), vocab_size(student_dir)
+        if teacher_vocab != student_vocab:
+            raise ConfigError(
+                f"teacher vocabulary ({teacher_vocab} tokens, {teacher_dir}) differs from the student's "
+                f"({student_vocab} tokens, {student_dir}); online top-k distillation needs one shared "
+                "tokenizer."
+            )
+        if cfg.stream.topk > teacher_vocab:
+            raise ConfigError(
+                f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({teacher_vocab})."
+            )
+        if cfg.teacher.stages > (layers := num_hidden_layers(teacher_dir)):
+            raise ConfigError(f"teacher.stages={cfg.teacher.stages} exceeds the teacher's {layers} layers.")
     if cfg.features.layer_map is not None:
         resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir)  # every index within both depths
     t = cfg.trainer
@@ -157,7 +168,7 @@ def launch_ranks(
 def summarize(run_dir: Path) -> dict:
     """Before/after evaluation, throughput and the export path, from the run's metrics file."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval/kl" in r]
+    evals = [r for r in records if "eval/kl" in r or "eval/ppl" in r]  # ppl alone: no teacher
     train = [r for r in records if "train/tokens_per_s" in r]
     summary = {
         "before": {k[5:]: v for k, v in evals[0].items() if k.startswith("eval/")},
@@ -183,7 +194,7 @@ def print_summary(s: dict) -> None:
     print("\n" + "=" * 64)
     print(f"{'metric':<32}{'before':>14}{'after':>14}")
     print("-" * 64)
-    for label, key, fmt in rows:
+    for label, key, fmt in [row for row in rows if row[1] in s["before"]]:
         print(f"{label:<32}{fmt.format(s['before'][key]):>14}{fmt.format(s['after'][key]):>14}")
     print("-" * 64)
     print(
@@ -197,6 +208,9 @@ def print_summary(s: dict) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = run_dir.resolve()
     prepared = prepare(cfg, run_dir)
+    if cfg.teacher.source == "none":  # no Ray, no teacher: the ranks train with plain cross-entropy
+        launch_ranks(run_dir, cfg.trainer.num_ranks, "", "", prepared["resume_from"], cfg.ray.namespace)
+        return summarize(run_dir)
     connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
     import ray
 

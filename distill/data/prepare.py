@@ -4,20 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distill.data.completions import load_completions, pack_examples, split_by_prompt
 from distill.data.corpus import DataError, load_documents, split_documents
 from distill.data.packing import PackedDataset, pack_documents
 
 
 def prepare_datasets(data_cfg, tokenizer, out_dir: Path, num_ranks: int, global_batch: int) -> None:
-    """Write `train.npy` and `heldout.npy` under `out_dir`.
+    """Write `train.npy` and `heldout.npy` under `out_dir` (with `data.format=completions` also
+    `train_mask.npy` and `heldout_mask.npy`: which tokens are completion tokens, the only ones with loss).
 
     Re-running on an existing run directory (a resume) must see the same data: a changed corpus or
     tokenizer is an error instead of silently training on different sequences.
     """
-    docs = load_documents(data_cfg.source, data_cfg.format, data_cfg.text_field)
-    train_docs, heldout_docs = split_documents(docs, data_cfg.heldout_fraction, data_cfg.seed)
-    train = pack_documents(train_docs, tokenizer, data_cfg.seq_len, what="training split")
-    heldout = pack_documents(heldout_docs, tokenizer, data_cfg.seq_len, what="held-out split")
+    if data_cfg.format == "completions":  # prompt + completion examples, split by prompt
+        rows = load_completions(data_cfg.source)
+        train_rows, heldout_rows = split_by_prompt(rows, data_cfg.heldout_fraction, data_cfg.seed)
+        train, train_mask = pack_examples(train_rows, tokenizer, data_cfg.seq_len, "training split")
+        heldout, heldout_mask = pack_examples(heldout_rows, tokenizer, data_cfg.seq_len, "held-out split")
+    else:
+        docs = load_documents(data_cfg.source, data_cfg.format, data_cfg.text_field)
+        train_docs, heldout_docs = split_documents(docs, data_cfg.heldout_fraction, data_cfg.seed)
+        train = pack_documents(train_docs, tokenizer, data_cfg.seq_len, what="training split")
+        heldout = pack_documents(heldout_docs, tokenizer, data_cfg.seq_len, what="held-out split")
+        train_mask = heldout_mask = None
     if data_cfg.max_train_sequences:
         train = PackedDataset(train.tokens[: data_cfg.max_train_sequences])
     if len(train) < global_batch:
@@ -32,9 +41,13 @@ def prepare_datasets(data_cfg, tokenizer, out_dir: Path, num_ranks: int, global_
             f"that evaluate it; raise data.heldout_fraction or lower data.seq_len."
         )
     heldout = PackedDataset(heldout.tokens[:n_eval])
+    arrays = {"train": train, "heldout": heldout}
+    if train_mask is not None:  # the masks are cut like the tokens
+        arrays["train_mask"] = PackedDataset(train_mask[: len(train)])
+        arrays["heldout_mask"] = PackedDataset(heldout_mask[:n_eval])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, dataset in (("train", train), ("heldout", heldout)):
+    for name, dataset in arrays.items():
         path = out_dir / f"{name}.npy"
         if path.exists():
             if PackedDataset.load(path).digest() != dataset.digest():

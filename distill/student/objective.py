@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from distill.config import ConfigError, FeatureConfig
 from distill.losses import DistillationLoss, FeatureProjector, LossOutput, parse_layer_map
+from distill.losses.ce import cross_entropy, fused_cross_entropy
 from distill.models import hidden_size, num_hidden_layers
 
 log = logging.getLogger("distill")
@@ -115,8 +116,12 @@ class StudentObjective(torch.nn.Module):
         """Returns (loss, metric sums) as a plain tuple: ZeRO-3 hooks its backward gathering onto the
         tensors it finds in a module's outputs, and it looks inside tuples, not dataclasses.
 
+        `teacher_values` None (no teacher): plain cross-entropy where `mask` is set and there is a label.
+
         `teacher_hidden` = {teacher layer: hidden state [B, T, H_teacher]}, needed with a projector.
         """
+        if teacher_values is None:  # no teacher (teacher.source=none): cross-entropy on the labels only
+            return self._cross_entropy(input_ids, labels, mask, normaliser)
         teacher = (teacher_values, teacher_indices, labels, mask, normaliser)
         features = self.projector is not None
         if self.fused:
@@ -137,3 +142,12 @@ class StudentObjective(torch.nn.Module):
         # are still hooked (gathered for their forward and backward) as usual.
         feat = self.projector.forward(student_hidden, teacher_hidden, mask, normaliser)
         return kd.loss + feat.loss, {**kd.metrics, **_feature_metrics(feat.metrics)}
+
+    def _cross_entropy(self, input_ids, labels, mask, normaliser: float) -> tuple[torch.Tensor, dict]:
+        if self.fused:
+            hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
+            head = self.model.get_output_embeddings().weight
+            out = fused_cross_entropy(hidden, head, labels, mask, normaliser, self.loss_fn.chunk_size)
+        else:
+            out = cross_entropy(self.model(input_ids=input_ids).logits, labels, mask, normaliser)
+        return out.loss, out.metrics
