@@ -10,7 +10,10 @@ import sys
 import time
 
 import pytest
-from test_online import ROOT, metrics, tiny_overrides
+import torch
+from test_online import ROOT, exported_weights, metrics, run_train, tiny_overrides
+
+from distill.student.checkpoint import latest
 
 
 def teacher_pids() -> list[int]:
@@ -107,3 +110,55 @@ def test_a_replica_that_stays_dead_is_dropped_and_none_left_is_a_clear_error(tin
             list(stream.stream(batches, lambda b: b))
     finally:
         ray.shutdown()
+
+
+def wait_for_steps(run_dir, proc, n: int, timeout_s: float = 300) -> int:
+    """Poll the run's metrics until `n` optimizer steps are logged; returns how many there are."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        steps = [r for r in metrics(run_dir) if "train/loss" in r] if path.exists() else []
+        if len(steps) >= n:
+            return len(steps)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} steps within {timeout_s} s")
+
+
+def test_losing_every_replica_checkpoints_then_resume_finishes_the_run(
+    tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """With no restarts left the run stops with a clear error after checkpointing its last step; a
+    rerun with trainer.resume=latest ends with the weights of a run that never lost its teacher."""
+    common = ["trainer.max_steps=60", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
+    calm, lost = tmp_path / "calm", tmp_path / "lost"
+    assert run_train(tiny_overrides(tiny_teacher_dir, tiny_student_dir, calm, *common)).returncode == 0
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    args = tiny_overrides(tiny_teacher_dir, tiny_student_dir, lost, *common, "teacher.max_restarts=0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_steps(lost, proc, 5)
+    for pid in teacher_pids():
+        os.kill(pid, signal.SIGKILL)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    assert "the teacher pool is gone" in out and "trainer.resume=latest" in out, out[-3000:]
+    trained = [r["step"] for r in metrics(lost) if "train/loss" in r]
+    assert 5 <= trained[-1] < 60
+    assert latest(lost / "checkpoints").name == f"step-{trained[-1]:06d}"  # nothing trained is lost
+
+    resumed = run_train(
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, lost, *common, "trainer.resume=latest")
+    )
+    assert resumed.returncode == 0
+    a, b = exported_weights(calm), exported_weights(lost)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    assert [r["step"] for r in metrics(lost) if "train/loss" in r] == list(range(1, 61))

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,15 +29,64 @@ class TeacherStreamError(RuntimeError):
 
 @dataclass
 class StreamStats:
-    """Counters for logging: how long the student waited and how much crossed the wire."""
+    """Counters for logging: how long the student waited, how much crossed the wire, how many requests
+    were outstanding, and what each replica served (tokens and its own compute seconds)."""
 
+    replicas: int = 0
     wait_s: float = 0.0
     bytes: int = 0
     tokens: int = 0
     requests: int = 0
+    in_flight_sum: int = 0  # Σ over replies of this rank's outstanding requests when it arrived
+    replica_tokens: list[int] = field(default_factory=list)
+    replica_compute_s: list[float] = field(default_factory=list)
 
-    def reset(self) -> None:
-        self.wait_s, self.bytes, self.tokens, self.requests = 0.0, 0, 0, 0
+    def __post_init__(self):
+        self.replica_tokens = self.replica_tokens or [0] * self.replicas
+        self.replica_compute_s = self.replica_compute_s or [0.0] * self.replicas
+
+    def copy(self) -> StreamStats:
+        return replace(
+            self, replica_tokens=list(self.replica_tokens), replica_compute_s=list(self.replica_compute_s)
+        )
+
+    def since(self, earlier: StreamStats) -> StreamStats:
+        """The counts accumulated after `earlier` (a `copy()` taken at the start of a step)."""
+        return StreamStats(
+            self.replicas,
+            self.wait_s - earlier.wait_s,
+            self.bytes - earlier.bytes,
+            self.tokens - earlier.tokens,
+            self.requests - earlier.requests,
+            self.in_flight_sum - earlier.in_flight_sum,
+            [a - b for a, b in zip(self.replica_tokens, earlier.replica_tokens)],
+            [a - b for a, b in zip(self.replica_compute_s, earlier.replica_compute_s)],
+        )
+
+    def as_vector(self) -> list[float]:
+        """The counts `metrics` needs, as one flat list that ranks can all-reduce (sum) together."""
+        return [self.wait_s, self.requests, self.in_flight_sum, *self.replica_tokens, *self.replica_compute_s]
+
+    @staticmethod
+    def metrics(summed: list[float], wall_s: float, ranks: int) -> dict[str, float]:
+        """Log metrics from `as_vector()` summed over `ranks` ranks during `wall_s` seconds.
+
+        - stream/wait_fraction: share of the students' time spent waiting for the teacher
+        - teacher/queue_depth: requests outstanding at the pool (queued or running), all ranks together
+        - teacher/replica<i>/tokens_per_s: tokens replica i delivered per second of wall time
+        - teacher/replica<i>/busy_fraction: its compute seconds per wall second (a pipeline replica sums
+          its stages, so up to `stages` when every stage is busy)
+        """
+        wait_s, requests, in_flight_sum, *per_replica = summed
+        n = len(per_replica) // 2
+        out = {
+            "stream/wait_fraction": wait_s / max(wall_s * ranks, 1e-9),
+            "teacher/queue_depth": in_flight_sum / max(requests, 1) * ranks,
+        }
+        for i, (tokens, compute_s) in enumerate(zip(per_replica[:n], per_replica[n:])):
+            out[f"teacher/replica{i}/tokens_per_s"] = tokens / max(wall_s, 1e-9)
+            out[f"teacher/replica{i}/busy_fraction"] = compute_s / max(wall_s, 1e-9)
+        return out
 
 
 class TeacherStream:
@@ -51,13 +100,17 @@ class TeacherStream:
         values_dtype: str,
         timeout_s: float,
         hidden_layers: list[int] | None = None,
+        first_replica: int = 0,
     ):
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be >= 1")
         self.replicas, self.topk, self.prefetch = list(replicas), topk, prefetch
         self.values_dtype, self.timeout_s = values_dtype, timeout_s
         self.hidden_layers = list(hidden_layers) if hidden_layers else None
-        self.stats = StreamStats()
+        # ranks start the round-robin at different replicas (their rank), so they spread over the pool
+        self.first_replica = first_replica
+        self.stats = StreamStats(replicas=len(self.replicas))
+        self._replica_index = {id(r): i for i, r in enumerate(self.replicas)}  # stable once some die
         self._ids = itertools.count()
 
     def _submit(self, input_ids: np.ndarray, request_id: int | None = None) -> tuple[int, Any, Any]:
@@ -68,11 +121,11 @@ class TeacherStream:
             raise TeacherStreamError(
                 "every teacher replica is dead (each exhausted its restarts); the run cannot continue"
             )
-        replica = self.replicas[request_id % len(self.replicas)]
+        replica = self.replicas[(request_id + self.first_replica) % len(self.replicas)]
         ref = replica.submit_topk(request_id, input_ids, self.topk, self.values_dtype, self.hidden_layers)
         return request_id, replica, ref
 
-    def _receive(self, request: tuple, input_ids: np.ndarray) -> TeacherOutput:
+    def _receive(self, request: tuple, input_ids: np.ndarray, in_flight: int) -> TeacherOutput:
         """The reply to `request`; a replica that stays dead is dropped and the request sent elsewhere."""
         request_id, replica, ref = request
         start = time.perf_counter()
@@ -93,9 +146,13 @@ class TeacherStream:
         self.stats.wait_s += time.perf_counter() - start
         if out.request_id != request_id:
             raise TeacherStreamError(f"reply {out.request_id} arrived for request {request_id}")
+        tokens = out.indices.shape[0] * out.indices.shape[1]
         self.stats.bytes += out.nbytes
-        self.stats.tokens += out.indices.shape[0] * out.indices.shape[1]
+        self.stats.tokens += tokens
         self.stats.requests += 1
+        self.stats.in_flight_sum += in_flight
+        self.stats.replica_tokens[self._replica_index[id(replica)]] += tokens
+        self.stats.replica_compute_s[self._replica_index[id(replica)]] += out.compute_s
         return out
 
     def stream(self, batches: Iterable[Any], input_ids_of) -> Iterator[tuple[Any, TeacherOutput]]:
@@ -105,13 +162,26 @@ class TeacherStream:
         for batch in itertools.islice(source, self.prefetch):
             pending.append((batch, self._submit(input_ids_of(batch))))
         while pending:
+            in_flight = len(pending)
             batch, request = pending.popleft()
-            out = self._receive(request, input_ids_of(batch))
+            out = self._receive(request, input_ids_of(batch), in_flight)
             nxt = next(source, None)
             if nxt is not None:
                 pending.append((nxt, self._submit(input_ids_of(nxt))))
             yield batch, out
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-vocabulary teacher log-probs (evaluation only)."""
-        return ray.get(self.replicas[0].submit_full_log_probs(input_ids), timeout=self.timeout_s)
+        """Full-vocabulary teacher log-probs (evaluation only), from the first replica still alive."""
+        while self.replicas:
+            try:
+                return ray.get(self.replicas[0].submit_full_log_probs(input_ids), timeout=self.timeout_s)
+            except ray.exceptions.RayActorError:
+                self.replicas.pop(0)
+                log.warning("teacher replica died for good; %d replica(s) left", len(self.replicas))
+            except ray.exceptions.GetTimeoutError as e:
+                raise TeacherStreamError(
+                    f"teacher gave no evaluation answer in {self.timeout_s:.0f} s (stream.timeout_s)"
+                ) from e
+        raise TeacherStreamError(
+            "every teacher replica is dead (each exhausted its restarts); the run cannot continue"
+        )

@@ -113,6 +113,7 @@ class TeacherStage:
             "layers": [self.start, self.end],
             "parameters": sum(params.values()),
             "device": str(self.device),
+            "node": ray.get_runtime_context().get_node_id(),
         }
 
     def memory(self) -> dict:
