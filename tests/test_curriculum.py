@@ -1,0 +1,131 @@
+"""A 2-phase curriculum through the CLI: phase 1 distils from two routed teachers (Meta's mixture recipe),
+phase 2 from one of them. Phase 1's teacher processes are gone before phase 2's start; a run stopped in
+phase 2 resumes in phase 2 (phase 1 is not redone) and ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_online import ROOT, exported_weights, metrics, run_train
+
+from distill.models import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def licenses_teacher_dir(tmp_path_factory, tiny_tokenizer_dir: Path) -> Path:
+    """A second tiny teacher, briefly trained on another real corpus (Debian's license texts)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.data import load_documents, pack_documents
+    from distill.models import load_tokenizer
+
+    folder = tiny_llama(
+        tmp_path_factory.mktemp("licenses-teacher"),
+        hidden_size=64,
+        num_layers=3,
+        seed=3,
+        tokenizer_dir=tiny_tokenizer_dir,
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokens = pack_documents(load_documents("common_licenses"), load_tokenizer(folder), 32).tokens
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        rows = torch.randint(0, len(tokens), (16,), generator=generator)
+        ids = torch.from_numpy(tokens[rows.numpy()].astype("int64"))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+def curriculum_overrides(python: Path, licenses: Path, student: Path, run_dir: Path, stop: bool) -> list[str]:
+    stop_at = ",trainer:{stop_at_step:2}" if stop else ""
+    return [
+        "+experiment=tiny",
+        f"run_dir={run_dir}",
+        f"teacher.model.name_or_path={python}",
+        f"student.model.name_or_path={student}",
+        "data.sources=[{name:python,source:pydoc_topics},{name:licenses,source:common_licenses}]",
+        f"+teachers={{python:{{model:{{name_or_path:{python}}}}},licenses:{{model:{{name_or_path:{licenses}}}}}}}",
+        "+routing={python:python,licenses:licenses}",
+        "+curriculum=[{name:mixture,max_steps:4},"
+        f"{{name:licenses,max_steps:4,sources:[licenses]{stop_at}}}]",
+        "trainer.num_ranks=1",
+        "trainer.checkpoint_every=2",
+        "trainer.eval_every=100",
+        "trainer.resume=auto",
+    ]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_two_phases_release_teachers_and_resume_in_phase_two(
+    tiny_teacher_dir, licenses_teacher_dir, tiny_student_dir, tmp_path
+):
+    run_dir = tmp_path / "stopped"
+    first, second = run_dir / "phase-0-mixture", run_dir / "phase-1-licenses"
+    args = curriculum_overrides(tiny_teacher_dir, licenses_teacher_dir, tiny_student_dir, run_dir, stop=True)
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    # while phase 2 runs, phase 1's teacher processes (both teachers) must already be gone
+    checked = False
+    while proc.poll() is None:
+        if (second / "teachers.json").is_file() and not checked:
+            phase1 = json.loads((first / "teachers.json").read_text())
+            phase2 = json.loads((second / "teachers.json").read_text())
+            assert len(phase1["pids"]) == 2 and len(phase2["pids"]) == 1
+            assert not any(alive(pid) for pid in phase1["pids"]), "phase-1 teachers still running"
+            assert all(name.endswith("licenses/teacher-0") for name in phase2["actors"])
+            checked = True
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-3000:]
+    assert checked
+    state = json.loads((run_dir / "curriculum.json").read_text())
+    assert [p["status"] for p in state["phases"]] == ["done", "stopped"]
+    routed = [r for r in metrics(first) if "train/loss" in r]
+    assert len(routed) == 4
+    final = state["phases"][0]["summary"]["eval"]  # every domain, against both teachers
+    assert {"python/kl_python", "python/kl_licenses", "licenses/kl_licenses", "licenses/ppl"} <= set(final)
+
+    # phase 2 starts from phase 1's final weights: its step-0 evaluation repeats phase 1's last one
+    start = next(r for r in metrics(second) if "eval/kl" in r)
+    assert start["step"] == 0
+    assert start["eval/licenses/kl_licenses"] == pytest.approx(final["licenses/kl_licenses"], rel=1e-6)
+
+    phase1_log = (first / "metrics.jsonl").read_text()
+    args = curriculum_overrides(tiny_teacher_dir, licenses_teacher_dir, tiny_student_dir, run_dir, stop=False)
+    resumed = run_train(args)
+    assert resumed.returncode == 0
+    assert "phase 0 (mixture) already done" in resumed.stdout + resumed.stderr
+    assert (first / "metrics.jsonl").read_text() == phase1_log  # phase 1 was not trained again
+    assert [r["step"] for r in metrics(second) if "train/loss" in r] == [1, 2, 3, 4]  # each step once
+
+    straight = tmp_path / "straight"
+    args = curriculum_overrides(
+        tiny_teacher_dir, licenses_teacher_dir, tiny_student_dir, straight, stop=False
+    )
+    assert run_train(args).returncode == 0
+    a, b = exported_weights(straight / "phase-1-licenses"), exported_weights(second)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    straight_losses = [r["train/loss"] for r in metrics(straight / "phase-1-licenses") if "train/loss" in r]
+    resumed_losses = [r["train/loss"] for r in metrics(second) if "train/loss" in r]
+    assert resumed_losses == pytest.approx(straight_losses, rel=1e-5)
