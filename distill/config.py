@@ -163,9 +163,33 @@ class DistillConfig:
     run_dir: str | None = None  # None: Hydra's output directory
 
 
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    n: int = 1  # completions per prompt
+    seed: int = 0  # sample j of prompt i is drawn from (seed, i, j): the same for any batching or resume
+
+
+@dataclass
+class GenerateConfig:
+    """`python -m launch.generate`: the teacher's completions for a prompt file (hard-label distillation)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompts: str = MISSING  # .jsonl with a "prompt" field, or .txt with one prompt per line
+    out: str = MISSING  # output folder (generation.json + parquet parts); a rerun resumes it
+    batch_size: int = 8  # prompts per teacher request
+    store: str = "none"  # none | topk: also keep the teacher's top-k log-probs on every completion token
+    topk: int = 20
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
 def register_configs() -> None:
     """Register the schema so Hydra type-checks every composed config against it."""
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
+    ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

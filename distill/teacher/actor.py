@@ -172,3 +172,12 @@ class TeacherActor:
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         """Full-vocabulary fp32 log-probs [B, T, V], so evaluation measures the exact KL."""
         return self._forward(input_ids)[0].cpu().numpy()
+
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0
+    ) -> list[dict]:
+        """Sampled completions of tokenised prompts, one per seed (`distill.teacher.generate`); `sampling`
+        holds max_new_tokens, temperature, top_p, stop_ids and pad_id."""
+        from distill.teacher.generate import generate
+
+        return generate(self.model, prompts, seeds, topk=topk, **sampling)

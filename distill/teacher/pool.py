@@ -24,6 +24,7 @@ def connect_ray(address: str | None, namespace: str = "distill", num_cpus: int |
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
         ray.init(
+            address="local",  # a new runtime, never a cluster another process left on this machine
             namespace=namespace,
             num_cpus=num_cpus,
             include_dashboard=False,
@@ -50,6 +51,9 @@ class ActorReplica:
 
     def submit_full_log_probs(self, input_ids):
         return self.handle.full_log_probs.remote(input_ids)
+
+    def submit_generate(self, prompts, seeds, sampling, topk=0):
+        return self.handle.generate.remote(prompts, seeds, sampling, topk)
 
     def info(self):
         return self.handle.info.remote()
