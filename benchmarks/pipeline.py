@@ -23,7 +23,6 @@ def measure(model_dir: str, stages: int, batches: list[np.ndarray], in_flight: i
     teacher = PipelineTeacher.start(model_dir, stages, dtype="float32", threads=threads, cpus_per_stage=0.1)
     try:
         info = ray.get(teacher.info())
-        memory = ray.get([s.memory.remote() for s in teacher.stages])
         ray.get(teacher.submit_topk(-1, batches[0], 64))  # warm-up
         start, pending, done = time.perf_counter(), [], 0
         for i, batch in enumerate(batches):
@@ -33,6 +32,8 @@ def measure(model_dir: str, stages: int, batches: list[np.ndarray], in_flight: i
                 done += 1
         ray.get(pending)
         elapsed = time.perf_counter() - start
+        # after the forwards: every weight page a stage uses has been read, so it is resident now
+        memory = ray.get([s.memory.remote() for s in teacher.stages])
     finally:
         teacher.shutdown()
     tokens = sum(b.size for b in batches)
@@ -78,9 +79,9 @@ def main() -> None:
                 "benchmark": "pipeline_teacher",
                 "command": "python benchmarks/pipeline.py "
                 + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-                "note": "peak_above_runtime_mib = peak RSS minus RSS after imports, before any weight is "
-                "read; weights are memory-mapped from safetensors, so untouched pages (e.g. unused "
-                "embedding rows) never become resident",
+                "note": "peak_above_runtime_mib = peak RSS (after all forwards) minus RSS after imports, "
+                "before any weight is read; weights are memory-mapped from safetensors, so untouched "
+                "pages (embedding rows of tokens never seen) do not become resident",
                 "single_stage": one,
                 "pipelined": many,
                 "throughput_ratio": round(many["tokens_per_s"] / one["tokens_per_s"], 2),
