@@ -46,6 +46,7 @@ def main(run_dir: Path) -> None:
     wait_for_nodes(int(os.environ.get("DISTILL_RAY_NODES", "1")))
     run_tag = os.environ.get("DISTILL_RUN_TAG") or f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
     pool = start_pool(run_tag, models["teacher"], cfg.teacher)
+    (run_dir / "teacher_pool.json").write_text(json.dumps(pool.info(), indent=1))  # nodes, devices, layers
     try:
         info = {
             "ray_address": ray.get_runtime_context().gcs_address,
