@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-BUILTIN_CORPORA = ("pydoc_topics",)
+BUILTIN_CORPORA = ("pydoc_topics", "common_licenses")
 _SUFFIX_FORMAT = {
     ".txt": "text",
     ".md": "text",
@@ -32,6 +32,16 @@ def _pydoc_topics() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[key] for key in sorted(topics)]
+
+
+def _common_licenses() -> list[str]:
+    """Debian's /usr/share/common-licenses (base-files, on every Debian/Ubuntu): ~260 KB of license text,
+    legal English far from Python's docs; one document per distinct text (GPL -> GPL-3 etc. are links)."""
+    folder = Path("/usr/share/common-licenses")
+    if not folder.is_dir():
+        raise DataError(f"{folder} does not exist (it ships with Debian's base-files); use another corpus.")
+    texts = {p.resolve(): p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.iterdir())}
+    return list(dict.fromkeys(t for t in texts.values() if t.strip()))
 
 
 def _files(path: Path, fmt: str) -> list[Path]:
@@ -59,6 +69,8 @@ def _read_file(path: Path, fmt: str, text_field: str) -> list[str]:
 
 def load_documents(source: str, fmt: str = "auto", text_field: str = "text") -> list[str]:
     """All non-empty documents of `source`: a builtin corpus name, a file, or a folder of files."""
+    if source == "common_licenses":
+        return _common_licenses()
     if source in BUILTIN_CORPORA:
         return _pydoc_topics()
     path = Path(source).expanduser()

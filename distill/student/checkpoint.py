@@ -128,6 +128,21 @@ def load(engine, ckpt: Path) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
+def load_weights(engine, ckpt: Path, optimizer: bool) -> None:
+    """Collective: start from another run's checkpoint (a curriculum's previous phase): its weights, and
+    its optimizer state when `optimizer`; never its step, LR schedule or RNG (the new run has its own)."""
+    verify(ckpt)
+    load_path, _ = engine.load_checkpoint(
+        str(ckpt),
+        tag="ds",
+        load_module_only=not optimizer,
+        load_optimizer_states=optimizer,
+        load_lr_scheduler_states=False,
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {ckpt / 'ds'}.")
+
+
 def latest(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
