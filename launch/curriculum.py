@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -98,9 +99,12 @@ def run_curriculum(cfg: DictConfig, run_dir: Path) -> dict:
         )
         state["phases"] = state["phases"][:i] + [{"name": phase.name, "dir": str(pdir), "status": "running"}]
         _write(state_path, state)
+        started = time.time()
         summary = run(pcfg, pdir)
         summary["eval"] = _last_eval(pdir)
-        done = summary["student"] is not None
+        done = (pdir / "student").is_dir() and (
+            pdir / "student"
+        ).stat().st_mtime >= started  # not a stale one
         state["phases"][i].update(status="done" if done else "stopped", summary=summary)
         _write(state_path, state)
         summaries.append(summary)
