@@ -142,6 +142,20 @@ class RayConfig:
 
 
 @dataclass
+class CacheConfig:
+    """A teacher-signal cache (distill/cache/): written by `python -m launch.cache`, read by `teacher=cached`.
+
+    Training reads only `path`; the other keys shape a cache when it is written (the manifest records them).
+    """
+
+    path: str | None = None  # the cache folder (manifest.json + shards)
+    values_dtype: str = "float16"  # float16 | bfloat16 | float32 | int8 (8-bit codes, per-row min/max)
+    hidden_layers: list[int] | None = None  # teacher layers whose hidden states are stored too (features)
+    shard_sequences: int = 256  # sequences per shard file: the unit of resume and of checksums
+    batch_size: int = 8  # sequences per teacher request
+
+
+@dataclass
 class LaunchConfig:
     # local: this process starts the teacher pool and the student ranks | prepare: check everything and
     # write the run directory, then exit (the Slurm scripts run the other steps on their nodes)
@@ -160,7 +174,19 @@ class DistillConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)  # read with teacher=cached (`cache.path`)
     run_dir: str | None = None  # None: Hydra's output directory
+
+
+@dataclass
+class CacheRunConfig:
+    """`python -m launch.cache`: the teacher, data and top-k of a training run, plus where the cache goes."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass
@@ -190,6 +216,7 @@ def register_configs() -> None:
     """Register the schema so Hydra type-checks every composed config against it."""
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
     ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+    ConfigStore.instance().store(name="cache_schema", node=CacheRunConfig)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -263,6 +290,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"teacher.attach={cfg.teacher.attach} needs ray.address=host:port of the pool's Ray cluster."
         )
+
+
+def validate_cache(cfg: DictConfig) -> None:
+    """Checks for `launch.cache` (its config has no student or trainer)."""
+    c = cfg.cache
+    if not c.path:
+        raise ConfigError("cache.path is not set; give the folder to write the cache to: cache.path=/path.")
+    if cfg.teacher.model is MISSING:
+        raise ConfigError("teacher.model must be set (pick teacher=smollm2 or teacher=local ...).")
+    _choice("cache.values_dtype", c.values_dtype, ("float16", "bfloat16", "float32", "int8"))
+    _at_least("cache.shard_sequences", c.shard_sequences, 1)
+    _at_least("cache.batch_size", c.batch_size, 1)
+    _at_least("stream.topk", cfg.stream.topk, 1)
+    _at_least("stream.prefetch", cfg.stream.prefetch, 1)
+    _at_least("data.seq_len", cfg.data.seq_len, 2)
+    _at_least("teacher.replicas", cfg.teacher.replicas, 1)
+    _at_least("teacher.stages", cfg.teacher.stages, 1)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -93,3 +93,60 @@ def evaluate_student(
     model.train(was_training)
     nll, label_positions = sums.tolist()
     return {"ppl": math.exp(nll / label_positions)}
+
+
+@torch.no_grad()
+def evaluate_cached(
+    model: torch.nn.Module,
+    sequences: np.ndarray,
+    teacher_topk,
+    micro_batch: int,
+    mask: np.ndarray | None = None,
+) -> dict[str, float]:
+    """With a teacher cache (`teacher=cached`) there is no full teacher distribution, so the exact KL
+    cannot be computed; this reports what the cache supports honestly. Collective, like `evaluate`.
+
+    `teacher_topk(input_ids) -> (log-probs [B, T, k], ids [B, T, k], log-prob of each next token
+    [B, T - 1])`. kl_topk_bucket: KL over the k teacher ids plus one bucket holding the rest of the mass
+    on each side, a lower bound of the exact KL (merging outcomes never increases a KL).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(6, dtype=torch.float64)  # kl, agree, positions, nll, teacher_nll, label positions
+    for start in range(0, len(sequences), micro_batch):
+        batch = sequences[start : start + micro_batch]
+        ids = torch.from_numpy(batch.astype(np.int64)).to(device)
+        values, indices, target = (torch.from_numpy(np.asarray(x)).to(device) for x in teacher_topk(batch))
+        log_p = values.double()
+        log_q = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+        log_q_k = log_q.gather(-1, indices.long())
+        p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)
+        q_tail = (1 - log_q_k.exp().sum(-1)).clamp_min(torch.finfo(torch.float64).tiny)
+        tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-300).log() - q_tail.log()), 0.0)
+        counted = _counted(mask, start, ids)
+        kl = ((log_p.exp() * (log_p - log_q_k)).sum(-1) + tail)[counted]
+        labels, counted_labels = ids[:, 1:], counted[:, :-1]
+        nll = -log_q[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)[counted_labels]
+        teacher_nll = -target.double()[counted_labels]
+        sums += torch.tensor(
+            [
+                kl.sum(),
+                (indices[..., 0].long() == log_q.argmax(-1))[counted].sum(),
+                kl.numel(),
+                nll.sum(),
+                teacher_nll.sum(),
+                nll.numel(),
+            ],
+            dtype=torch.float64,
+        )
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    kl, agree, positions, nll, teacher_nll, label_positions = sums.tolist()
+    return {
+        "kl_topk_bucket": kl / positions,
+        "top1_agreement": agree / positions,
+        "ppl": math.exp(nll / label_positions),
+        "teacher_ppl": math.exp(teacher_nll / label_positions),
+    }

@@ -297,8 +297,11 @@ def _read_config(folder: Path) -> dict:
 
 
 def _config_int(path: str | Path, key: str) -> int:
-    """An integer entry of config.json (or of its `text_config`), read without loading any weights."""
-    folder = resolve_model(path)
+    """An integer entry of config.json (or of its `text_config`), read without loading any weights.
+
+    A folder with a config.json and no weights is fine here: a teacher cache keeps its teacher's that way.
+    """
+    folder = Path(path) if (Path(path) / "config.json").is_file() else resolve_model(path)
     config = _read_config(folder)
     value = config.get(key, config.get("text_config", {}).get(key))
     if not isinstance(value, int):

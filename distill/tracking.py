@@ -92,3 +92,30 @@ class Progress:
             100 * metrics["stream/wait_fraction"],
             _fmt_duration(eta),
         )
+
+
+class TokenProgress:
+    """Console progress of a job counted in tokens (writing a teacher cache): done, tokens/s and ETA,
+    printed at most every `every_s` seconds and when the job is done."""
+
+    def __init__(self, total: int, done: int = 0, every_s: float = 5.0, what: str = "tokens"):
+        self.total, self.done, self.every_s, self.what = total, done, every_s, what
+        self.start_done, self.start_time, self.last_print = done, time.perf_counter(), 0.0
+
+    def update(self, tokens: int) -> None:
+        self.done += tokens
+        now = time.perf_counter()
+        if now - self.last_print < self.every_s and self.done < self.total:
+            return
+        self.last_print = now
+        rate = (self.done - self.start_done) / max(now - self.start_time, 1e-9)
+        eta = (self.total - self.done) / rate if rate else 0.0
+        log.info(
+            "%s %d/%d (%.1f%%) | %.0f tok/s | eta %s",
+            self.what,
+            self.done,
+            self.total,
+            100 * self.done / max(1, self.total),
+            rate,
+            _fmt_duration(eta),
+        )

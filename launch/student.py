@@ -33,10 +33,11 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 
+from distill.cache import CachedTeacher
 from distill.config import load_run_config
 from distill.data import PackedDataset, StepSampler
 from distill.data.completions import load_position_mask
-from distill.eval import evaluate, evaluate_student
+from distill.eval import evaluate, evaluate_cached, evaluate_student
 from distill.models import load_causal_lm, load_tokenizer
 from distill.stream import StreamStats, TeacherStream
 from distill.student import checkpoint
@@ -119,6 +120,7 @@ def main(run_dir: Path) -> None:
     torch.manual_seed(t.seed)
 
     live = cfg.teacher.source == "live"  # none: no teacher at all, plain cross-entropy
+    cached = cfg.teacher.source == "cached"  # the teacher's signals come from a cache: no Ray
     if live:
         pool = teacher_location(run_dir)
         connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
@@ -137,7 +139,7 @@ def main(run_dir: Path) -> None:
         if train_positions is not None:
             return train_positions[idx]
         mask = np.ones((len(idx), train.seq_len), dtype=np.bool_)
-        mask[:, -1] = live
+        mask[:, -1] = live or cached
         return mask
 
     tokenizer = load_tokenizer(models["student"])
@@ -148,6 +150,8 @@ def main(run_dir: Path) -> None:
     objective = StudentObjective(model, instantiate(cfg.loss), fused=t.fused_loss, projector=projector)
     engine = build_engine(objective, t, world)
     stream = NoTeacher()
+    if cached:
+        stream = CachedTeacher(cfg.cache.path, cfg.stream.topk, hidden_layers=objective.teacher_layers)
     if live:
         stream = TeacherStream(
             teacher.actors,
@@ -172,7 +176,10 @@ def main(run_dir: Path) -> None:
     logger = RunLogger(run_dir, cfg.logger, json.loads(json.dumps(cfg_dict(cfg))), enabled=rank == 0)
 
     def run_eval(step: int) -> dict:
-        if not live:  # no teacher: the student's perplexity alone
+        if cached:  # no full teacher distribution: top-k + tail-bucket KL, agreement, perplexities
+            topk, micro = stream.heldout, t.micro_batch_size
+            metrics = evaluate_cached(engine.module.model, heldout, topk, micro, heldout_positions)
+        elif not live:  # no teacher: the student's perplexity alone
             metrics = evaluate_student(engine.module.model, heldout, t.micro_batch_size, heldout_positions)
         else:
             log_probs, micro = stream.full_log_probs, t.micro_batch_size

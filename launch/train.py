@@ -28,8 +28,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from distill.cache import check_run, read_manifest, row_digests, tokenizer_hash
 from distill.config import ConfigError, register_configs, validate
-from distill.data import prepare_datasets
+from distill.data import PackedDataset, prepare_datasets
 from distill.models import load_tokenizer, num_hidden_layers, vocab_size
 from distill.student import checkpoint
 from distill.student.objective import resolve_layer_map
@@ -73,8 +74,6 @@ def resolve_resume(mode: str, ckpt_root: Path) -> Path | None:
 def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     """Everything that fails fast: returns what the ranks need, written into the run directory."""
     validate(cfg)
-    if cfg.teacher.source == "cached":  # replaced as the cached path lands
-        raise ConfigError(f"teacher.source={cfg.teacher.source} is not implemented yet; use live.")
     no_teacher = cfg.teacher.source == "none"  # plain cross-entropy: no teacher is checked or started
     if no_teacher and cfg.features.layer_map is not None:
         raise ConfigError(
@@ -109,6 +108,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
         num_ranks=t.num_ranks,
         global_batch=t.micro_batch_size * t.grad_accum_steps * t.num_ranks,
     )
+    if cfg.teacher.source == "cached":
+        check_cache(cfg, run_dir / "data", student_dir, teacher_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     models = {"teacher": teacher_dir, "student": student_dir}
@@ -116,6 +117,27 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     resume = {"resume_from": str(resume_from) if resume_from else None}
     (run_dir / "resume.json").write_text(json.dumps(resume))  # read by ranks started without the driver
     return {"resume_from": resume_from, **models}
+
+
+def check_cache(cfg: DictConfig, data_dir: Path, student_dir: str, teacher_dir: str) -> None:
+    """teacher=cached: the cache must hold this run's signals (tokenizer, data, seq_len, k, hidden layers)."""
+    if cfg.teachers or cfg.data.sources:
+        raise ConfigError("teacher=cached reads the cache of one teacher and one data source.")
+    cache_dir = Path(cfg.cache.path).expanduser()
+    layers = None
+    if cfg.features.layer_map is not None:
+        layers = sorted(set(resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir).values()))
+    train, heldout = (PackedDataset.load(data_dir / f"{split}.npy") for split in ("train", "heldout"))
+    check_run(
+        read_manifest(cache_dir),
+        cache_dir,
+        tokenizer=tokenizer_hash(student_dir, load_tokenizer(student_dir).eos_token_id),
+        seq_len=cfg.data.seq_len,
+        topk=cfg.stream.topk,
+        train_digest=train.digest(),
+        heldout_rows=row_digests(heldout.tokens),
+        hidden_layers=layers,
+    )
 
 
 def free_port() -> int:
@@ -187,6 +209,7 @@ def summarize(run_dir: Path) -> dict:
 def print_summary(s: dict) -> None:
     rows = [
         ("held-out KL(teacher‖student)", "kl", "{:.4f}"),
+        ("held-out KL, top-k + tail bucket", "kl_topk_bucket", "{:.4f}"),  # cached runs: a lower bound
         ("top-1 agreement", "top1_agreement", "{:.2%}"),
         ("student perplexity", "ppl", "{:.4g}"),
         ("teacher perplexity", "teacher_ppl", "{:.4g}"),
@@ -208,7 +231,7 @@ def print_summary(s: dict) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = run_dir.resolve()
     prepared = prepare(cfg, run_dir)
-    if cfg.teacher.source == "none":  # no Ray, no teacher: the ranks train with plain cross-entropy
+    if cfg.teacher.source in ("none", "cached"):  # no Ray, no teacher: plain cross-entropy, or a cache
         launch_ranks(run_dir, cfg.trainer.num_ranks, "", "", prepared["resume_from"], cfg.ray.namespace)
         return summarize(run_dir)
     connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)

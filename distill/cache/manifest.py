@@ -1,0 +1,184 @@
+"""The cache's manifest (manifest.json): what the cached signals were computed from, and its shards.
+
+A cache is only valid for a run that trains on the same token arrays with the same tokenizer, sequence
+length and at most its top-k; `check_run` refuses anything else before compute starts, naming the field
+and the fix. The manifest is rewritten atomically after every shard, so it lists only complete shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from distill.models import default_cache_dir
+
+FORMAT = "distill-teacher-cache/1"
+MANIFEST = "manifest.json"
+# Files that define how text becomes ids. tokenizer_config.json is left out: save_pretrained rewrites it
+# (a student cut from a teacher has a different one) while the ids it produces stay the same.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used for this run (or a damaged one); the message names the fix."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a (large) file, remembered by path, size and mtime in $DISTILL_CACHE/file-hashes.json so
+    the teacher's weights are hashed once, not on every cache run."""
+    path = path.resolve()
+    stat = path.stat()
+    memo_file = default_cache_dir() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key, seen = str(path), [stat.st_size, stat.st_mtime_ns]
+    if key in memo and memo[key][:2] == seen:
+        return memo[key][2]
+    digest = sha256_file(path)
+    memo[key] = [*seen, digest]
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(memo_file, memo)  # concurrent writers: the last one wins, every entry stays true
+    return digest
+
+
+def _hash_files(files: list[Path], extra: str = "") -> str:
+    digest = hashlib.sha256(extra.encode())
+    for f in files:
+        digest.update(f"{f.name}:{cached_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the teacher's weight files (name and content hash of each)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
+    if not files:
+        raise CacheError(f"no weight files (*.safetensors) in the teacher folder {model_dir}")
+    return _hash_files(files)
+
+
+def tokenizer_hash(model_dir: Path, eos_token_id: int | None) -> str:
+    """sha256 of the tokenizer's defining files plus the EOS id that packing puts between documents."""
+    files = sorted(p for name in TOKENIZER_FILES if (p := Path(model_dir) / name).is_file())
+    if not files:
+        raise CacheError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {model_dir}")
+    return _hash_files(files, extra=f"eos={eos_token_id}\n")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary name, flush to disk, rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(
+            f"{path} does not exist: {cache_dir} is not a teacher cache; write one with "
+            f"`python -m launch.cache cache.path={cache_dir} ...` (same teacher/data/stream settings)."
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; rewrite the cache.")
+    return manifest
+
+
+# The fields that identify what a cache holds; a resumed writer must match them all.
+IDENTITY = (
+    "format",
+    "teacher",
+    "tokenizer",
+    "seq_len",
+    "k",
+    "values",
+    "hidden",
+    "index_dtype",
+    "data",
+    "shard_sequences",
+)
+
+
+def check_same_cache(existing: dict, wanted: dict, cache_dir: Path) -> None:
+    """A cache run resuming into `cache_dir` must be writing the same cache it was started for."""
+    for field in IDENTITY:
+        if existing.get(field) != wanted.get(field):
+            raise CacheError(
+                f"{cache_dir} holds a cache with a different {field} ({existing.get(field)!r}, now "
+                f"{wanted.get(field)!r}); resume with the original settings or write to a new cache.path."
+            )
+
+
+def row_digests(tokens) -> list[str]:
+    """A short sha256 per sequence: held-out sets are matched row by row (a run with more ranks may
+    evaluate fewer of them, trimmed to a multiple of the ranks)."""
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in tokens]
+
+
+def check_run(
+    manifest: dict,
+    cache_dir: Path,
+    *,
+    tokenizer: str,
+    seq_len: int,
+    topk: int,
+    train_digest: str,
+    heldout_rows: list[str],
+    hidden_layers: list[int] | None,
+) -> None:
+    """Refuse a cache that does not fit the run: the message names the field and the fix.
+
+    k: a cache of top-K serves any stream.topk <= K (top-k is sorted, so its first stream.topk entries are
+    the top-stream.topk); a larger stream.topk would need signals the cache does not have.
+    """
+    fix = "write a cache for this run with `python -m launch.cache cache.path=<new> ...` or change the run"
+    if not manifest.get("complete"):
+        raise CacheError(
+            f"the cache {cache_dir} is incomplete ({len(manifest['shards'])} shards written); finish it by "
+            f"rerunning the same `python -m launch.cache` command (it resumes)."
+        )
+    if manifest["tokenizer"] != tokenizer:
+        raise CacheError(
+            f"cache tokenizer mismatch: {cache_dir} was tokenized with another tokenizer (hash "
+            f"{manifest['tokenizer'][:12]}, the student's is {tokenizer[:12]}); {fix}."
+        )
+    if manifest["seq_len"] != seq_len:
+        raise CacheError(
+            f"cache seq_len mismatch: {cache_dir} holds sequences of {manifest['seq_len']} tokens, the run "
+            f"uses data.seq_len={seq_len}; set data.seq_len={manifest['seq_len']} or {fix}."
+        )
+    if manifest["k"] < topk:
+        raise CacheError(
+            f"cache k mismatch: {cache_dir} holds the teacher's top-{manifest['k']}, the run asks for "
+            f"stream.topk={topk}; set stream.topk<={manifest['k']} or {fix}."
+        )
+    data = manifest["data"]
+    if data["train"]["sha256"] != train_digest or not set(heldout_rows) <= set(data["heldout"]["row_sha256"]):
+        split = "train" if data["train"]["sha256"] != train_digest else "heldout"
+        raise CacheError(
+            f"cache dataset mismatch: the run's {split} sequences differ from those in {cache_dir}; use the "
+            f"data settings the cache was written with (data_config in {cache_dir / MANIFEST}) or {fix}."
+        )
+    stored = manifest["hidden"]["layers"] if manifest["hidden"] else []
+    missing = sorted(set(hidden_layers or ()) - set(stored))
+    if missing:
+        raise CacheError(
+            f"cache hidden_layers mismatch: features.layer_map needs teacher layers {missing}, which "
+            f"{cache_dir} does not store (it has {stored}); write a cache with cache.hidden_layers including "
+            f"them."
+        )

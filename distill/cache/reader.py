@@ -1,0 +1,157 @@
+"""Read a teacher-signal cache during training: the same interface as the live TeacherStream.
+
+`CachedTeacher.stream(batches, input_ids_of)` yields (batch, TeacherOutput) for micro-batches `(step,
+rows)` of data/train.npy, so the training loop and the loss code are the ones online training uses. Each
+shard's sha256 is checked the first time it is read (a damaged shard is refused, never used), and each
+row's cached input ids must equal the batch's ids. Held-out signals for evaluation are looked up by the
+sequence's tokens (`heldout`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from distill.cache.codec import decode_float32, decode_values, value_keys
+from distill.cache.manifest import CacheError, read_manifest, sha256_file
+from distill.stream import StreamStats
+from distill.teacher.actor import TeacherOutput
+
+
+def teacher_folder(cache_path: str | None, name_or_path: str | None = None) -> Path:
+    """The teacher's config and tokenizer saved in the cache (`teacher=cached` uses it as the teacher
+    folder: vocabulary and layer checks read it; it has no weights). `name_or_path` (the model the cache
+    was written from) is not used here: it is there for students cut from the teacher."""
+    if not cache_path:
+        raise CacheError(
+            "teacher=cached needs cache.path=/path/to/cache (written by `python -m launch.cache`)."
+        )
+    folder = Path(cache_path).expanduser() / "teacher"
+    if not folder.is_dir():
+        read_manifest(Path(cache_path).expanduser())  # the clearer error when it is no cache at all
+        raise CacheError(f"{folder} is missing: the cache is incomplete; rerun `python -m launch.cache`.")
+    return folder
+
+
+class CachedTeacher:
+    """Teacher signals from a cache: top-`topk` log-probs (and hidden states of `hidden_layers`)."""
+
+    def __init__(self, cache_dir: str | Path, topk: int, hidden_layers: list[int] | None = None):
+        self.dir = Path(cache_dir)
+        self.manifest = read_manifest(self.dir)
+        if not self.manifest["complete"]:
+            raise CacheError(f"the cache {self.dir} is incomplete; finish it by rerunning `launch.cache`.")
+        if topk > self.manifest["k"]:
+            raise CacheError(f"stream.topk={topk} exceeds the cache's k={self.manifest['k']} ({self.dir}).")
+        self.topk, self.fmt = topk, self.manifest["values"]
+        stored = (self.manifest["hidden"] or {}).get("layers", [])
+        self.hidden_layers = list(hidden_layers) if hidden_layers else None
+        missing = set(self.hidden_layers or ()) - set(stored)
+        if missing:
+            raise CacheError(
+                f"the cache {self.dir} stores no hidden states of teacher layers {sorted(missing)}."
+            )
+        self._hidden_pos = [stored.index(j) for j in self.hidden_layers or ()]
+        self._shards = {
+            split: sorted(
+                (s for s in self.manifest["shards"] if s["split"] == split), key=lambda s: s["start"]
+            )
+            for split in ("train", "heldout")
+        }
+        self._starts = {split: [s["start"] for s in shards] for split, shards in self._shards.items()}
+        self._open: dict[str, Any] = {}
+        self._heldout: dict[bytes, tuple] | None = None
+        self.stats = StreamStats()
+
+    def _handle(self, shard: dict):
+        """The open shard, its checksum verified on first use."""
+        name = shard["file"]
+        if name not in self._open:
+            path = self.dir / name
+            if not path.is_file():
+                raise CacheError(f"cache shard {path} is missing; rewrite the cache.")
+            if sha256_file(path) != shard["sha256"]:
+                raise CacheError(
+                    f"cache shard {path} fails its sha256 checksum (the file is damaged); refusing to use "
+                    f"it. Rewrite the cache (`python -m launch.cache` with a new cache.path)."
+                )
+            self._open[name] = safe_open(str(path), framework="pt")
+        return self._open[name]
+
+    def _row(self, split: str, row: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        shards = self._shards[split]
+        i = bisect.bisect_right(self._starts[split], row) - 1
+        if i < 0 or row >= shards[i]["start"] + shards[i]["rows"]:
+            raise CacheError(f"row {row} of the {split} split is not in the cache {self.dir}.")
+        handle, local = self._handle(shards[i]), row - shards[i]["start"]
+        return {key: handle.get_slice(key)[local : local + 1] for key in keys}
+
+    def _rows(self, split: str, rows: Iterable[int], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        got = [self._row(split, int(r), keys) for r in rows]
+        return {key: torch.cat([g[key] for g in got]) for key in keys}
+
+    def stream(self, batches: Iterable[Any], input_ids_of) -> Iterator[tuple[Any, TeacherOutput]]:
+        """Yield (batch, teacher output) for micro-batches `(step, rows)`; same contract as TeacherStream."""
+        keys = ("input_ids", "indices", *value_keys(self.fmt), *(("hidden",) if self.hidden_layers else ()))
+        for n, batch in enumerate(batches):
+            start = time.perf_counter()
+            got = self._rows("train", batch[1], keys)
+            ids = np.asarray(input_ids_of(batch))
+            if not np.array_equal(got["input_ids"].numpy(), ids):
+                raise CacheError(
+                    f"the cached input ids of train rows {list(batch[1])} differ from the run's: the cache "
+                    f"was built over other data; write a cache for this run's data."
+                )
+            values, values_dtype = decode_values(got, self.fmt)
+            hidden = None
+            if self.hidden_layers:  # [rows, stored layers, T, H] -> [requested layers, rows, T, H]
+                hidden = _numpy(got["hidden"])[:, self._hidden_pos].transpose(1, 0, 2, 3)
+            out = TeacherOutput(
+                n,
+                np.ascontiguousarray(values[..., : self.topk]),
+                np.ascontiguousarray(got["indices"].numpy()[..., : self.topk]),
+                values_dtype,
+                0.0,
+                hidden=hidden,
+                hidden_layers=self.hidden_layers,
+            )
+            self.stats.wait_s += time.perf_counter() - start
+            self.stats.bytes += out.nbytes
+            self.stats.tokens += ids.size
+            self.stats.requests += 1
+            yield batch, out
+
+    def heldout(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(top-k log-probs float32 [B, T, k], ids int64 [B, T, k], log-prob of each next token [B, T-1]) for
+        held-out sequences, found by their tokens."""
+        if self._heldout is None:
+            keys = ("input_ids", "indices", "target_logprob", *value_keys(self.fmt))
+            self._heldout = {}
+            for shard in self._shards["heldout"]:
+                got = self._rows("heldout", range(shard["start"], shard["start"] + shard["rows"]), keys)
+                rows = zip(
+                    got["input_ids"], decode_float32(got, self.fmt), got["indices"], got["target_logprob"]
+                )
+                for ids, values, indices, target in rows:
+                    self._heldout[ids.numpy().tobytes()] = (values.numpy(), indices.numpy(), target.numpy())
+        found = []
+        for row in np.asarray(input_ids):
+            if row.tobytes() not in self._heldout:
+                raise CacheError(
+                    f"a held-out sequence of the run is not in the cache {self.dir}; rewrite it."
+                )
+            found.append(self._heldout[row.tobytes()])
+        values, indices, target = (np.stack(x) for x in zip(*found))
+        return values[..., : self.topk], indices[..., : self.topk].astype(np.int64), target
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """numpy view in TeacherOutput's scheme (bfloat16 as its uint16 bits)."""
+    return (x.view(torch.uint16) if x.dtype == torch.bfloat16 else x).numpy()

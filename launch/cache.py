@@ -1,0 +1,124 @@
+"""Write a teacher-signal cache: `python -m launch.cache cache.path=/path [group=option ...]`.
+
+Composed from the same conf/ groups as training (teacher, data, stream) plus `cache.*`: it packs the data
+exactly as a training run does, runs the teacher pool (replicas, pipeline stages) over every sequence
+once, and writes top-`stream.topk` log-probs (and `cache.hidden_layers`' hidden states) to sharded
+safetensors files with a JSON manifest. Rerunning the same command after an interruption continues from
+the last complete shard. Training then reads it with `teacher=cached cache.path=/path`, without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from distill.cache.manifest import FORMAT, row_digests, tokenizer_hash, weights_hash
+from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
+from distill.config import register_configs, validate_cache
+from distill.data import PackedDataset, prepare_datasets
+from distill.models import load_tokenizer, num_hidden_layers, vocab_size
+from distill.stream import TeacherStream
+from distill.teacher import connect_ray
+from distill.teacher.actor import index_dtype
+from distill.tracking import TokenProgress
+from launch.train import build, start_pool
+
+log = logging.getLogger("distill")
+register_configs()
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def pack_data(cfg: DictConfig, tokenizer) -> dict:
+    """The train / held-out token arrays a training run on this data config packs (one rank, so the
+    held-out split is not trimmed to a multiple of the ranks; data.heldout_sequences caps it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_datasets(cfg.data, tokenizer, Path(tmp), num_ranks=1, global_batch=1)
+        return {split: PackedDataset.load(Path(tmp) / f"{split}.npy") for split in ("train", "heldout")}
+
+
+def identity(cfg: DictConfig, teacher_dir: Path, tokenizer, data: dict) -> dict:
+    """What the cache holds, as the manifest records it; a resumed run must match every field."""
+    vocab = vocab_size(teacher_dir)
+    layers = list(cfg.cache.hidden_layers) if cfg.cache.hidden_layers else None
+    if layers and not all(0 <= j < (depth := num_hidden_layers(teacher_dir)) for j in layers):
+        raise ValueError(f"cache.hidden_layers={layers}: the teacher has {depth} layers (0..{depth - 1}).")
+    return {
+        "format": FORMAT,
+        "teacher": {"weights_sha256": weights_hash(teacher_dir), "dtype": cfg.teacher.dtype},
+        "tokenizer": tokenizer_hash(teacher_dir, tokenizer.eos_token_id),
+        "seq_len": cfg.data.seq_len,
+        "k": cfg.stream.topk,
+        "values": cfg.cache.values_dtype,
+        "index_dtype": index_dtype(vocab).name,
+        "hidden": {"layers": layers, "dtype": hidden_dtype(cfg.cache.values_dtype)} if layers else None,
+        "data": {
+            "train": {"rows": len(data["train"]), "sha256": data["train"].digest()},
+            "heldout": {"rows": len(data["heldout"]), "row_sha256": row_digests(data["heldout"].tokens)},
+        },
+        "shard_sequences": cfg.cache.shard_sequences,
+    }
+
+
+def write(cfg: DictConfig) -> dict:
+    validate_cache(cfg)
+    cache_dir = Path(cfg.cache.path).expanduser().resolve()
+    teacher_dir = Path(build(cfg.teacher.model))
+    if cfg.stream.topk > (vocab := vocab_size(teacher_dir)):
+        raise ValueError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({vocab}).")
+    tokenizer = load_tokenizer(teacher_dir)
+    data = pack_data(cfg, tokenizer)
+    extra = {
+        "vocab_size": vocab,
+        "teacher_path": str(teacher_dir),
+        "data_config": OmegaConf.to_container(cfg.data, resolve=True),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    writer = CacheWriter(cache_dir, identity(cfg, teacher_dir, tokenizer, data), extra, teacher_dir)
+    tokens = {s: len(d) * d.seq_len for s, d in data.items()}
+    plan = shard_plan({s: len(d) for s, d in data.items()}, cfg.cache.shard_sequences)
+    written = writer.written()
+    done = sum((end - start) * cfg.data.seq_len for split, start, end in plan if (split, start) in written)
+    if done:
+        log.info("resuming %s: %d of %d shards already written", cache_dir, len(written), len(plan))
+    if len(written) < len(plan):
+        connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
+        pool = start_pool(f"cache-{int(time.time() * 1e3)}", str(teacher_dir), cfg.teacher)
+        try:
+            stream = TeacherStream(
+                pool.actors,
+                cfg.stream.topk,
+                cfg.stream.prefetch,
+                "float32",  # rounded to cache.values_dtype here, exactly as the actor would round
+                cfg.stream.timeout_s,
+                hidden_layers=writer.manifest["hidden"]["layers"] if writer.manifest["hidden"] else None,
+            )
+            progress = TokenProgress(sum(tokens.values()), done)
+            fill(
+                writer,
+                stream,
+                {s: d.tokens for s, d in data.items()},
+                cfg.cache.shard_sequences,
+                cfg.cache.batch_size,
+                progress,
+            )
+        finally:
+            pool.shutdown()
+    summary = {"cache": str(cache_dir), "shards": len(plan), "tokens": tokens, **writer.finish()}
+    print(json.dumps(summary))
+    return summary
+
+
+@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="cache", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    return write(cfg)
+
+
+if __name__ == "__main__":
+    main()
