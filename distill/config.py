@@ -60,10 +60,25 @@ class LossConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One named data source of a multi-source run; `routing` maps its name to a teacher."""
+
+    name: str = MISSING
+    source: str = MISSING  # as data.source: a builtin corpus name or a path
+    format: str = "auto"
+    text_field: str = "text"
+    max_train_sequences: int | None = None  # cap this source's training sequences (balances a mixture)
+
+
+@dataclass
 class DataConfig:
     source: str = (
         "pydoc_topics"  # a builtin corpus name, or a path to .txt / .jsonl / .parquet (file or folder)
     )
+    # several named sources instead of `source`: each packed separately (every sequence keeps its source,
+    # so each token is scored by its source's teacher) and each with its own held-out set
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    train_sources: list[str] | None = None  # names of `sources` to train on (None: all); all are evaluated
     format: str = "auto"  # auto | text | jsonl | parquet | completions (prompt + completion, prompt masked)
     text_field: str = "text"
     seq_len: int = 256
@@ -163,6 +178,29 @@ class LaunchConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """A per-token mixture of teachers that share a tokenizer (see distill/stream/ensemble.py)."""
+
+    members: list[str] = MISSING  # names in `teachers`
+    weights: list[float] | None = None  # fixed weights (normalised); None = equal
+    weighting: str = "fixed"  # fixed | confidence (per token, proportional to each teacher's max prob)
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of a curriculum: trains from the previous phase's final checkpoint."""
+
+    name: str = MISSING
+    max_steps: int = MISSING
+    sources: list[str] | None = None  # data sources trained on in this phase (None: all)
+    routing: dict[str, str] | None = None  # source -> teacher/ensemble (None: the top-level routing)
+    teachers: list[str] | None = None  # teachers started for this phase (None: those its routing uses)
+    loss: dict[str, Any] | None = None  # keys merged over the top-level `loss`
+    trainer: dict[str, Any] | None = None  # keys merged over the top-level `trainer` (e.g. lr, stop_at_step)
+    reset_optimizer: bool = False  # False: keep the previous phase's optimizer state; True: fresh optimizer
+
+
+@dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -175,6 +213,11 @@ class DistillConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)  # read with teacher=cached (`cache.path`)
+    # several teachers (distill/stream/routing.py): name -> keys merged over `teacher` (model, replicas, ...)
+    teachers: dict[str, Any] = field(default_factory=dict)
+    ensembles: dict[str, EnsembleConfig] = field(default_factory=dict)
+    routing: dict[str, str] = field(default_factory=dict)  # data source name -> teacher or ensemble name
+    curriculum: list[PhaseConfig] = field(default_factory=list)  # ordered phases (launch/curriculum.py)
     run_dir: str | None = None  # None: Hydra's output directory
 
 
@@ -286,6 +329,10 @@ def validate(cfg: DictConfig) -> None:
     _choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))
     _choice("launch.mode", cfg.launch.mode, ("local", "prepare"))
+    if cfg.teachers or cfg.curriculum or d.sources:
+        from distill.stream.routing import validate_routing
+
+        validate_routing(cfg)
     if cfg.teacher.attach is not None and cfg.ray.address is None:
         raise ConfigError(
             f"teacher.attach={cfg.teacher.attach} needs ray.address=host:port of the pool's Ray cluster."

@@ -35,11 +35,12 @@ from hydra.utils import instantiate
 
 from distill.cache import CachedTeacher
 from distill.config import load_run_config
-from distill.data import PackedDataset, StepSampler
+from distill.data import PackedDataset, StepSampler, sources
 from distill.data.completions import load_position_mask
 from distill.eval import evaluate, evaluate_cached, evaluate_student
 from distill.models import load_causal_lm, load_tokenizer
 from distill.stream import StreamStats, TeacherStream
+from distill.stream.routing import evaluate_domains, open_routed_stream, source_names
 from distill.student import checkpoint
 from distill.student.engine import build_engine, export_pretrained, init_distributed
 from distill.student.objective import StudentObjective, build_projector
@@ -124,7 +125,6 @@ def main(run_dir: Path) -> None:
     if live:
         pool = teacher_location(run_dir)
         connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
-        teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas, cfg.teacher.stages)
 
     train = PackedDataset.load(run_dir / "data" / "train.npy")
     heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]
@@ -149,10 +149,16 @@ def main(run_dir: Path) -> None:
     projector = build_projector(cfg.features, models["student"], models["teacher"], seed=t.seed)
     objective = StudentObjective(model, instantiate(cfg.loss), fused=t.fused_loss, projector=projector)
     engine = build_engine(objective, t, world)
-    stream = NoTeacher()
-    if cached:
+    if cfg.teachers:  # several teachers: each row is scored by its source's teacher (distill/stream/routing)
+        train_source = sources.train_sources(run_dir / "data")
+        stream = open_routed_stream(cfg, pool["run_tag"], lambda mb: train_source[mb[1]])
+        domains = sources.domains(run_dir / "data", source_names(cfg), rank, world)
+    elif cached:
         stream = CachedTeacher(cfg.cache.path, cfg.stream.topk, hidden_layers=objective.teacher_layers)
-    if live:
+    elif not live:
+        stream = NoTeacher()
+    else:
+        teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas, cfg.teacher.stages)
         stream = TeacherStream(
             teacher.actors,
             cfg.stream.topk,
@@ -172,11 +178,17 @@ def main(run_dir: Path) -> None:
     if resume_from:
         start_step = checkpoint.load(engine, Path(resume_from))["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
+    elif (run_dir / "phase.json").is_file():  # a curriculum phase starts from the previous phase's end
+        phase = json.loads((run_dir / "phase.json").read_text())
+        checkpoint.load_weights(engine, Path(phase["init_from"]), optimizer=not phase["reset_optimizer"])
+        log.info("phase %s starts from %s", phase["name"], phase["init_from"])
 
     logger = RunLogger(run_dir, cfg.logger, json.loads(json.dumps(cfg_dict(cfg))), enabled=rank == 0)
 
     def run_eval(step: int) -> dict:
-        if cached:  # no full teacher distribution: top-k + tail-bucket KL, agreement, perplexities
+        if cfg.teachers:  # every domain's held-out set, against every teacher of the run
+            metrics = evaluate_domains(engine.module.model, stream, domains, cfg, t.micro_batch_size)
+        elif cached:  # no full teacher distribution: top-k + tail-bucket KL, agreement, perplexities
             topk, micro = stream.heldout, t.micro_batch_size
             metrics = evaluate_cached(engine.module.model, heldout, topk, micro, heldout_positions)
         elif not live:  # no teacher: the student's perplexity alone

@@ -31,10 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 from distill.cache import check_run, read_manifest, row_digests, tokenizer_hash
 from distill.config import ConfigError, register_configs, validate
 from distill.data import PackedDataset, prepare_datasets
+from distill.data.sources import prepare_sources
 from distill.models import load_tokenizer, num_hidden_layers, vocab_size
+from distill.stream.routing import teacher_configs
 from distill.student import checkpoint
 from distill.student.objective import resolve_layer_map
 from distill.teacher import TeacherPool, connect_ray
+from distill.teacher.pool import TeacherPools
+from launch.curriculum import run_curriculum
 
 log = logging.getLogger("distill")
 register_configs()
@@ -82,26 +86,15 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
         )
     build(cfg.loss)  # the loss validates its own arguments
     resume_from = resolve_resume(str(cfg.trainer.resume), run_dir / "checkpoints")
-    teacher_dir, student_dir = None, str(build(cfg.student.model))
-    if not no_teacher:
-        teacher_dir = str(build(cfg.teacher.model))
-        teacher_vocab, student_vocab = vocab_size(teacher_dir), vocab_size(student_dir)
-        if teacher_vocab != student_vocab:
-            raise ConfigError(
-                f"teacher vocabulary ({teacher_vocab} tokens, {teacher_dir}) differs from the student's "
-                f"({student_vocab} tokens, {student_dir}); online top-k distillation needs one shared "
-                "tokenizer."
-            )
-        if cfg.stream.topk > teacher_vocab:
-            raise ConfigError(
-                f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({teacher_vocab})."
-            )
-        if cfg.teacher.stages > (layers := num_hidden_layers(teacher_dir)):
-            raise ConfigError(f"teacher.stages={cfg.teacher.stages} exceeds the teacher's {layers} layers.")
+    student_dir = str(build(cfg.student.model))
+    named = teacher_configs(cfg) if cfg.teachers else {"teacher": cfg.teacher}  # several: `teachers.<name>`
+    named = {} if no_teacher else named
+    teacher_dirs = {name: check_teacher(name, tc, student_dir, cfg.stream.topk) for name, tc in named.items()}
+    teacher_dir = next(iter(teacher_dirs.values()), None)
     if cfg.features.layer_map is not None:
         resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir)  # every index within both depths
     t = cfg.trainer
-    prepare_datasets(
+    (prepare_sources if cfg.data.sources else prepare_datasets)(
         cfg.data,
         load_tokenizer(student_dir),
         run_dir / "data",
@@ -113,10 +106,29 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     models = {"teacher": teacher_dir, "student": student_dir}
+    if cfg.teachers:
+        models["teachers"] = teacher_dirs
     (run_dir / "models.json").write_text(json.dumps(models, indent=1))
     resume = {"resume_from": str(resume_from) if resume_from else None}
     (run_dir / "resume.json").write_text(json.dumps(resume))  # read by ranks started without the driver
     return {"resume_from": resume_from, **models}
+
+
+def check_teacher(name: str, tc: DictConfig, student_dir: str, topk: int) -> str:
+    """The teacher's folder, once its vocabulary and depth fit the student and the stream."""
+    key = "teacher" if name == "teacher" else f"teachers.{name}"
+    teacher_dir = str(build(tc.model))
+    teacher_vocab, student_vocab = vocab_size(teacher_dir), vocab_size(student_dir)
+    if teacher_vocab != student_vocab:
+        raise ConfigError(
+            f"{key} vocabulary ({teacher_vocab} tokens, {teacher_dir}) differs from the student's "
+            f"({student_vocab} tokens, {student_dir}); online top-k distillation needs one shared tokenizer."
+        )
+    if topk > teacher_vocab:
+        raise ConfigError(f"stream.topk={topk} exceeds the {key} vocabulary ({teacher_vocab}).")
+    if tc.stages > (layers := num_hidden_layers(teacher_dir)):
+        raise ConfigError(f"{key}.stages={tc.stages} exceeds the teacher's {layers} layers.")
+    return teacher_dir
 
 
 def check_cache(cfg: DictConfig, data_dir: Path, student_dir: str, teacher_dir: str) -> None:
@@ -238,12 +250,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     import ray
 
     tc = cfg.teacher
+    if tc.attach and cfg.teachers:
+        raise ConfigError("teacher.attach works with one teacher; several `teachers` are started per run.")
     if tc.attach:  # a pool someone else started (and will stop): e.g. one teacher for a whole sweep
         run_tag, pool = tc.attach, TeacherPool.attach(tc.attach, tc.replicas, tc.stages)
         log.info("attached to teacher pool %s: %s", run_tag, pool.info()[0]["device"])
     else:
         run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
-        pool = start_pool(run_tag, prepared["teacher"], tc)
+        pool = start_teachers(run_tag, prepared, cfg, run_dir)
     try:
         launch_ranks(
             run_dir,
@@ -257,6 +271,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if not tc.attach:
             pool.shutdown()
     return summarize(run_dir)
+
+
+def start_teachers(run_tag: str, prepared: dict, cfg: DictConfig, run_dir: Path):
+    """The run's teacher pool, or with `teachers:` one pool per named teacher (`<run tag>.<name>`), whose
+    actors and processes are listed in `teachers.json` (shutdown waits until they are gone)."""
+    if not cfg.teachers:
+        return start_pool(run_tag, prepared["teacher"], cfg.teacher)
+    tcs = teacher_configs(cfg)
+    named = {name: (prepared["teachers"][name], tcs[name]) for name in cfg.teachers}
+    pools = TeacherPools.start(run_tag, named, start_pool)
+    (run_dir / "teachers.json").write_text(json.dumps({"actors": pools.names, "pids": pools.pids()}))
+    return pools
 
 
 def start_pool(run_tag: str, teacher_dir: str, tc: DictConfig) -> TeacherPool:
@@ -291,6 +317,10 @@ def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     name_sweep_point(cfg)
+    if cfg.curriculum:  # phases, each an ordinary run in its own sub-directory
+        summary = run_curriculum(cfg, run_dir)
+        print_summary(summary)
+        return summary
     if cfg.launch.mode == "prepare":
         prepare(cfg, run_dir.resolve())
         print(f"prepared {run_dir.resolve()}")

@@ -36,6 +36,11 @@ def connect_ray(address: str | None, namespace: str = "distill", num_cpus: int |
         ray.init(address=address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
 
 
+def pool_tag(run_tag: str, teacher: str) -> str:
+    """The run tag of one named teacher's pool in a several-teacher run."""
+    return f"{run_tag}.{teacher}"
+
+
 def actor_name(run_tag: str, index: int) -> str:
     return f"{run_tag}/teacher-{index}"
 
@@ -139,3 +144,49 @@ class TeacherPool:
     def shutdown(self) -> None:
         for replica in self.actors:
             replica.shutdown()
+
+
+class TeacherPools:
+    """The pools of several named teachers of one run or curriculum phase (`<run tag>.<name>` each)."""
+
+    def __init__(self, pools: dict[str, TeacherPool], names: list[str]):
+        self.pools, self.names = pools, names  # names: every actor of every pool, to check the release
+
+    @classmethod
+    def start(cls, run_tag: str, teachers: dict[str, tuple[str, object]], start_one) -> TeacherPools:
+        """`teachers[name] = (model dir, teacher config)`; `start_one(tag, dir, config)` starts one pool."""
+        pools, names = {}, []
+        try:
+            for name, (model_dir, tc) in teachers.items():
+                tag = pool_tag(run_tag, name)
+                pools[name] = start_one(tag, model_dir, tc)
+                for i in range(tc.replicas):
+                    base = actor_name(tag, i)
+                    names += [f"{base}/stage-{s}" for s in range(tc.stages)] if tc.stages > 1 else [base]
+        except BaseException:
+            cls(pools, names).shutdown()
+            raise
+        return cls(pools, names)
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Kill every actor and wait until Ray no longer knows any of them (their memory is free again)."""
+        import time
+
+        for pool in self.pools.values():
+            pool.shutdown()
+        deadline = time.monotonic() + timeout_s
+        for name in self.names:
+            while True:
+                try:
+                    ray.get_actor(name)
+                except ValueError:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"teacher actor {name} still alive {timeout_s:.0f} s after shutdown")
+                time.sleep(0.1)
+        log.info("released %d teacher actor(s): %s", len(self.names), ", ".join(self.names))
+
+    def pids(self) -> list[int]:
+        """Process ids of the whole-model actors (pipeline replicas report per stage elsewhere)."""
+        infos = [i for pool in self.pools.values() for i in pool.info()]
+        return [i["pid"] for i in infos if isinstance(i, dict) and "pid" in i]
