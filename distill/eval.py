@@ -14,6 +14,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distill.stream.client import TeacherStreamError
+
+
+def _agreed(teacher_log_probs, batch: np.ndarray) -> np.ndarray:
+    """The teacher's answer, or TeacherStreamError on EVERY rank if any rank got none: the ranks agree
+    before the model's forward (a collective under ZeRO-3) so none waits for a rank that has left."""
+    try:
+        answer, error = teacher_log_probs(batch), None
+    except TeacherStreamError as e:
+        answer, error = None, e
+    failed = torch.tensor([float(error is not None)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(failed)
+    if failed.item():
+        raise error or TeacherStreamError("another rank lost the teacher during evaluation")
+    return answer
+
 
 def _counted(mask: np.ndarray | None, start: int, ids: torch.Tensor) -> torch.Tensor:
     """The positions of this micro-batch that count: `mask` rows from `start`, or all of them."""
@@ -42,7 +59,7 @@ def evaluate(
     for start in range(0, len(sequences), micro_batch):
         batch = sequences[start : start + micro_batch]
         ids = torch.from_numpy(batch.astype(np.int64)).to(device)
-        log_p = torch.tensor(teacher_log_probs(batch), dtype=torch.float64, device=device)
+        log_p = torch.tensor(_agreed(teacher_log_probs, batch), dtype=torch.float64, device=device)
         log_q = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
         counted = _counted(mask, start, ids)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)[counted]

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 import torch
 
 _NUMPY_VALUES = {"float16": np.float16, "float32": np.float32}
@@ -129,6 +130,7 @@ class TeacherActor:
             "pid": os.getpid(),
             "dtype": str(next(self.model.parameters()).dtype),
             "device": str(self.device),
+            "node": ray.get_runtime_context().get_node_id(),
         }
 
     @torch.no_grad()
