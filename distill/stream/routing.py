@@ -82,15 +82,14 @@ class RoutedTeacherStream:
 
     def stream(self, batches: Iterable[Any], input_ids_of) -> Iterator[tuple[Any, TeacherOutput]]:
         """Each target streams its own parts (with its own prefetch); parts are read lazily, in order."""
-        source = enumerate(batches)
+        source, end = iter(batches), object()
         split: deque = deque()  # (batch, {target: rows}) in batch order, split but not yet yielded
         parts: dict[str, deque] = {name: deque() for name in self.targets}
 
         def pull() -> bool:
-            nxt = next(source, None)
-            if nxt is None:
+            batch = next(source, end)
+            if batch is end:
                 return False
-            _, batch = nxt
             by_target = self._split(self.sources_of(batch))
             split.append((batch, by_target))
             for name, rows in by_target.items():
