@@ -75,12 +75,10 @@ def manifest(cache_dir: Path) -> dict:
     return json.loads((cache_dir / MANIFEST).read_text())
 
 
-def train_rows(cache_dir: Path) -> np.ndarray:
-    """The training rows, in row order, as the cache holds them (the same array a tiny run packs)."""
-    reader = CachedTeacher(cache_dir, topk=1)
-    return reader._rows("train", range(manifest(cache_dir)["data"]["train"]["rows"]), ("input_ids",))[
-        "input_ids"
-    ].numpy()
+def cached_rows(cache_dir: Path, split: str = "train") -> np.ndarray:
+    """A split's token rows, in row order, as the cache holds them (the arrays a tiny run packs)."""
+    rows = manifest(cache_dir)["data"][split]["rows"]
+    return CachedTeacher(cache_dir, topk=1)._rows(split, range(rows), ("input_ids",))["input_ids"].numpy()
 
 
 def test_cached_replies_equal_the_live_teachers_bit_for_bit(tiny_cache, tiny_teacher_dir):
@@ -89,7 +87,7 @@ def test_cached_replies_equal_the_live_teachers_bit_for_bit(tiny_cache, tiny_tea
     assert len(m["teacher"]["weights_sha256"]) == 64 and len(m["tokenizer"]) == 64
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
     teacher = TeacherActor(str(tiny_teacher_dir), dtype="float32", attn_implementation="sdpa")
-    tokens = train_rows(tiny_cache)
+    tokens = cached_rows(tiny_cache)
     reader = CachedTeacher(tiny_cache, topk=16)
     batches = [(0, np.arange(r, r + BATCH)) for r in range(0, len(tokens), BATCH)]  # as they were written
     for (_, rows), out in reader.stream(batches, lambda b: tokens[b[1]]):
@@ -100,15 +98,7 @@ def test_cached_replies_equal_the_live_teachers_bit_for_bit(tiny_cache, tiny_tea
     assert reader.stats.tokens == tokens.size
 
     # held-out: top-k and the teacher's log-prob of each actual next token, found by the sequence's ids
-    heldout = np.concatenate(
-        [
-            CachedTeacher(tiny_cache, 16)
-            ._rows("heldout", range(s["start"], s["start"] + s["rows"]), ("input_ids",))["input_ids"]
-            .numpy()
-            for s in m["shards"]
-            if s["split"] == "heldout"
-        ]
-    )
+    heldout = cached_rows(tiny_cache, "heldout")
     values, indices, target = reader.heldout(heldout[::-1])
     full = torch.from_numpy(teacher.full_log_probs(heldout[::-1]))
     live_values, live_indices = torch.topk(full, 16, dim=-1)
@@ -218,7 +208,7 @@ def test_a_damaged_shard_is_refused(tiny_cache, tmp_path):
     data = bytearray((damaged / shard["file"]).read_bytes())
     data[-5] ^= 0x01  # one bit of one stored value
     (damaged / shard["file"]).write_bytes(bytes(data))
-    tokens = train_rows(tiny_cache)
+    tokens = cached_rows(tiny_cache)
     reader = CachedTeacher(damaged, topk=16)
     next(reader.stream([(0, np.arange(0, 4))], lambda b: tokens[b[1]]))  # intact shards still serve
     with pytest.raises(CacheError, match=rf"{shard['file']} fails its sha256 checksum"):
