@@ -102,9 +102,8 @@ def run_curriculum(cfg: DictConfig, run_dir: Path) -> dict:
         started = time.time()
         summary = run(pcfg, pdir)
         summary["eval"] = _last_eval(pdir)
-        done = (pdir / "student").is_dir() and (
-            pdir / "student"
-        ).stat().st_mtime >= started  # not a stale one
+        export = pdir / "student"
+        done = export.is_dir() and export.stat().st_mtime >= started  # exported by this run, not a stale one
         state["phases"][i].update(status="done" if done else "stopped", summary=summary)
         _write(state_path, state)
         summaries.append(summary)
