@@ -80,6 +80,8 @@ class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)
     train_sources: list[str] | None = None  # names of `sources` to train on (None: all); all are evaluated
     format: str = "auto"  # auto | text | jsonl | parquet | completions (prompt + completion, prompt masked)
+    # completions: text (re-tokenise prompt and completion) | generated (the generator's ids, same tokenizer)
+    tokens: str = "text"
     text_field: str = "text"
     seq_len: int = 256
     heldout_fraction: float = 0.1
@@ -168,6 +170,8 @@ class CacheConfig:
     hidden_layers: list[int] | None = None  # teacher layers whose hidden states are stored too (features)
     shard_sequences: int = 256  # sequences per shard file: the unit of resume and of checksums
     batch_size: int = 8  # sequences per teacher request
+    # convert the top-k `launch.generate store=topk` stored (data=completions on its folder): no teacher pass
+    from_generation: bool = False
 
 
 @dataclass
@@ -314,6 +318,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < d.heldout_fraction < 1:
         raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1.")
     _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet", "completions"))
+    _choice("data.tokens", d.tokens, ("text", "generated"))
     _choice("teacher.source", cfg.teacher.source, ("live", "cached", "none"))
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.threads", cfg.teacher.threads, 1)

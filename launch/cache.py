@@ -5,6 +5,10 @@ exactly as a training run does, runs the teacher pool (replicas, pipeline stages
 once, and writes top-`stream.topk` log-probs (and `cache.hidden_layers`' hidden states) to sharded
 safetensors files with a JSON manifest. Rerunning the same command after an interruption continues from
 the last complete shard. Training then reads it with `teacher=cached cache.path=/path`, without Ray.
+
+`cache.from_generation=true` with `data=completions data.source=<launch.generate store=topk folder>` runs
+no teacher: the top-k the generation stored become the cache (distill/cache/generation.py), so the same
+data serves hard-label (`teacher.source=none`) and soft-label (`teacher=cached`) training.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from distill.cache.manifest import FORMAT, row_digests, tokenizer_hash, weights_hash
+from distill.cache.generation import generation_signals, shard
+from distill.cache.manifest import FORMAT, CacheError, row_digests, tokenizer_hash, weights_hash
 from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
 from distill.config import register_configs, validate_cache
 from distill.data import PackedDataset, prepare_datasets
@@ -27,6 +32,7 @@ from distill.stream import TeacherStream
 from distill.teacher import connect_ray
 from distill.teacher.actor import index_dtype
 from distill.tracking import TokenProgress
+from launch.generate import file_sha256
 from launch.train import build, start_pool
 
 log = logging.getLogger("distill")
@@ -62,7 +68,37 @@ def identity(cfg: DictConfig, teacher_dir: Path, tokenizer, data: dict) -> dict:
             "heldout": {"rows": len(data["heldout"]), "row_sha256": row_digests(data["heldout"].tokens)},
         },
         "shard_sequences": cfg.cache.shard_sequences,
+        **({"signals": "generation"} if cfg.cache.from_generation else {}),
     }
+
+
+def check_generation(cfg: DictConfig, teacher_dir: Path) -> None:
+    """cache.from_generation: completions data from a generation of this very teacher, no hidden states."""
+    if cfg.data.format != "completions":
+        raise CacheError(
+            f"cache.from_generation needs data=completions data.source=<launch.generate folder>; "
+            f"data.format is {cfg.data.format}."
+        )
+    if cfg.cache.hidden_layers:
+        raise CacheError("cache.from_generation stores no hidden states; drop cache.hidden_layers.")
+    meta = Path(cfg.data.source).expanduser() / "generation.json"
+    weights = sorted(teacher_dir.glob("*.safetensors")) or sorted(teacher_dir.glob("*.bin"))
+    if meta.is_file() and json.loads(meta.read_text())["teacher_sha256"] != file_sha256(weights):
+        raise CacheError(
+            f"the generation in {meta.parent} was made by another teacher than {teacher_dir} (weights "
+            f"sha256 differ); pick the teacher that generated it (see {meta})."
+        )
+
+
+def convert_generation(writer: CacheWriter, data: dict, signals: dict, plan: list) -> None:
+    """Write every missing shard from the generation's stored top-k (no teacher, no Ray)."""
+    m, arrays = writer.manifest, {s: d.tokens for s, d in data.items()}
+    for split, start, end in plan:
+        if (split, start) in writer.written():
+            continue
+        values, ids, target = (x[start:end] for x in signals[split])
+        target = target if split == "heldout" else None  # evaluation's teacher perplexity needs it
+        writer.write_shard(split, start, shard(arrays[split][start:end], values, ids, target, m["values"]))
 
 
 def write(cfg: DictConfig) -> dict:
@@ -71,6 +107,8 @@ def write(cfg: DictConfig) -> dict:
     teacher_dir = Path(build(cfg.teacher.model))
     if cfg.stream.topk > (vocab := vocab_size(teacher_dir)):
         raise ValueError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({vocab}).")
+    if cfg.cache.from_generation:
+        check_generation(cfg, teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
     data = pack_data(cfg, tokenizer)
     extra = {
@@ -79,6 +117,10 @@ def write(cfg: DictConfig) -> dict:
         "data_config": OmegaConf.to_container(cfg.data, resolve=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    signals = None
+    if cfg.cache.from_generation:  # laid out (and every example checked) before the cache folder is made
+        arrays = {s: d.tokens for s, d in data.items()}
+        signals = generation_signals(cfg.data, tokenizer, cfg.stream.topk, arrays, index_dtype(vocab))
     writer = CacheWriter(cache_dir, identity(cfg, teacher_dir, tokenizer, data), extra, teacher_dir)
     tokens = {s: len(d) * d.seq_len for s, d in data.items()}
     plan = shard_plan({s: len(d) for s, d in data.items()}, cfg.cache.shard_sequences)
@@ -86,7 +128,9 @@ def write(cfg: DictConfig) -> dict:
     done = sum((end - start) * cfg.data.seq_len for split, start, end in plan if (split, start) in written)
     if done:
         log.info("resuming %s: %d of %d shards already written", cache_dir, len(written), len(plan))
-    if len(written) < len(plan):
+    if len(written) < len(plan) and cfg.cache.from_generation:
+        convert_generation(writer, data, signals, plan)
+    elif len(written) < len(plan):
         connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
         pool = start_pool(f"cache-{int(time.time() * 1e3)}", str(teacher_dir), cfg.teacher)
         try:

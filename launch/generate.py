@@ -11,7 +11,8 @@ The output folder is resumable and its parts are never rewritten:
     part-<first prompt>.parquet  one per batch of prompts, one row per sample: prompt_index, sample_index,
                                  prompt, completion, prompt_ids, completion_ids, finished, teacher,
                                  teacher_sha256, params (JSON) and, with store=topk, the teacher's top-k
-                                 log-probs on every completion token (topk_values, topk_ids)
+                                 log-probs on every completion token (topk_values, topk_ids) and the
+                                 log-prob of each drawn token (token_logprob)
 
 A part is written under a temporary name and renamed, so a killed run leaves only whole parts; a rerun
 with the same settings skips the prompts they hold, and other settings into the same folder are refused.
@@ -133,7 +134,11 @@ def write_part(out: Path, rows: list[dict]) -> Path:
     path = out / f"part-{rows[0]['prompt_index']:08d}.parquet"
     if path.exists():
         raise FileExistsError(f"{path} exists; parts are never rewritten")
-    types = {"topk_values": pa.list_(pa.list_(pa.float32())), "topk_ids": pa.list_(pa.list_(pa.int32()))}
+    types = {
+        "topk_values": pa.list_(pa.list_(pa.float32())),
+        "topk_ids": pa.list_(pa.list_(pa.int32())),
+        "token_logprob": pa.list_(pa.float32()),
+    }
     columns = {key: [row[key] for row in rows] for key in rows[0]}
     table = pa.table({key: pa.array(values, type=types.get(key)) for key, values in columns.items()})
     tmp = path.with_suffix(".parquet.tmp")
@@ -220,7 +225,7 @@ def generate(cfg: DictConfig) -> dict:
             for (i, j), result in zip(samples, ray.get(ref)):
                 ids = result.pop("completion_ids")
                 text = tokenizer.decode(ids, skip_special_tokens=True)
-                extra = {k: v.tolist() for k, v in result.items() if k.startswith("topk_")}
+                extra = {k: v.tolist() for k, v in result.items() if k.startswith(("topk_", "token_"))}
                 rows.append(
                     {
                         "prompt_index": i,

@@ -111,6 +111,7 @@ IDENTITY = (
     "index_dtype",
     "data",
     "shard_sequences",
+    "signals",  # "generation": converted from launch.generate's stored top-k; absent: the live teacher
 )
 
 

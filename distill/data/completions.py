@@ -6,6 +6,11 @@ max_new_tokens gets no EOS, so the student is not taught to stop there). Whole e
 greedily into `seq_len` windows and the rest of a window is EOS padding; an example longer than a
 window is truncated. Alongside the tokens goes a per-token target mask: True on completion tokens (and
 their EOS), False on prompt and padding tokens, so prompt tokens carry no loss.
+
+`data.tokens=generated` packs the ids the teacher generated instead (prompt_ids + completion_ids of a
+`launch.generate` folder, its stop token included): the exact sequences it sampled, which text does not
+always re-tokenise to, and the tokens its stored top-k belong to (soft labels, distill/cache/generation.py).
+It needs the student to share the generator's tokenizer; every prompt's encoding is checked.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def load_completions(source: str) -> list[dict]:
+def load_completions(source: str, generated_ids: bool = False) -> list[dict]:
     """{prompt, completion, finished} rows from the generator's output folder (parquet parts) or from any
-    .jsonl / .parquet file or folder with `prompt` and `completion` columns (`finished` defaults to True)."""
+    .jsonl / .parquet file or folder with `prompt` and `completion` columns (`finished` defaults to True);
+    with `generated_ids` also the generator's prompt_ids and completion_ids."""
     path = Path(source).expanduser()
     files = sorted(path.glob("*.parquet")) + sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not path.exists() or not files:
@@ -46,9 +52,15 @@ def load_completions(source: str) -> list[dict]:
         missing = {"prompt", "completion"} - set(table.column_names)
         if missing:
             raise DataError(f"{f} has no {' or '.join(sorted(missing))} column (data.format=completions).")
+        if generated_ids and not {"prompt_ids", "completion_ids"} <= set(table.column_names):
+            raise DataError(
+                f"data.tokens=generated: {f} has no prompt_ids / completion_ids columns; give the folder "
+                f"`launch.generate` wrote, or use data.tokens=text."
+            )
         if "finished" not in table.column_names:
             table = table.append_column("finished", pa.array([True] * len(table)))
-        rows += table.select(["prompt", "completion", "finished"]).to_pylist()
+        columns = ["prompt", "completion", "finished"] + ["prompt_ids", "completion_ids"] * generated_ids
+        rows += table.select(columns).to_pylist()
     if not rows:
         raise DataError(f"data.source={source!r} holds no completions.")
     return rows
@@ -69,9 +81,17 @@ def split_by_prompt(rows: list[dict], heldout_fraction: float, seed: int) -> tup
 
 
 def pack_examples(
-    rows: list[dict], tokenizer, seq_len: int, what: str = "completions"
+    rows: list[dict],
+    tokenizer,
+    seq_len: int,
+    what: str = "completions",
+    layout: list | None = None,
+    generated_ids: bool = False,
 ) -> tuple[PackedDataset, np.ndarray]:
-    """Token windows [N, seq_len] and their target mask [N, seq_len] (True = completion token)."""
+    """Token windows [N, seq_len] and their target mask [N, seq_len] (True = completion token).
+
+    `layout`, when given, receives (row index, window, offset, prompt length, untruncated ids) for every
+    example placed, so a soft-label cache can put each generated token's top-k where the token went."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the student tokenizer has no eos_token; set one to end completions and pad windows.")
@@ -83,16 +103,22 @@ def pack_examples(
         masks.append(mask + [False] * pad)
         ids.clear(), mask.clear()
 
-    for row in rows:
+    for index, row in enumerate(rows):
         prompt = prompt_ids(tokenizer, row["prompt"])
-        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        completion += [eos] if row["finished"] else []
+        if generated_ids:
+            check_generated_prompt(row, prompt, len(tokenizer))
+            completion = list(row["completion_ids"])
+        else:
+            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            completion += [eos] if row["finished"] else []
         tokens = (prompt + completion)[:seq_len]
         targets = ([False] * len(prompt) + [True] * len(completion))[:seq_len]
         if not any(targets):
             continue  # the prompt alone fills the window: nothing to learn from
         if len(ids) + len(tokens) > seq_len:
             flush()
+        if layout is not None:
+            layout.append((index, len(windows), len(ids), len(prompt), prompt + completion))
         ids += tokens
         mask += targets
     if ids:
@@ -104,6 +130,18 @@ def pack_examples(
         )
     dtype = np.int32 if len(tokenizer) > np.iinfo(np.uint16).max else np.uint16
     return PackedDataset(np.asarray(windows, dtype=dtype)), np.asarray(masks, dtype=np.bool_)
+
+
+def check_generated_prompt(row: dict, prompt: list[int], vocab: int) -> None:
+    """data.tokens=generated: the student must encode the prompt as the generator did (same tokenizer and
+    chat template), or the generated ids mean other tokens to it."""
+    if row["prompt_ids"] != prompt or max(row["completion_ids"], default=0) >= vocab:
+        raise DataError(
+            f"data.tokens=generated: the student's tokenizer encodes the prompt {row['prompt']!r:.60} "
+            f"differently from the teacher that generated the completions (or its vocabulary is smaller): "
+            f"the generated ids are only valid for the generator's tokenizer. Use data.tokens=text "
+            f"(re-tokenise the completion text) with a student of another tokenizer."
+        )
 
 
 def position_mask(targets: np.ndarray) -> np.ndarray:

@@ -17,10 +17,15 @@ def prepare_datasets(data_cfg, tokenizer, out_dir: Path, num_ranks: int, global_
     tokenizer is an error instead of silently training on different sequences.
     """
     if data_cfg.format == "completions":  # prompt + completion examples, split by prompt
-        rows = load_completions(data_cfg.source)
+        ids = data_cfg.tokens == "generated"  # the generator's ids as they are, not the text re-tokenised
+        rows = load_completions(data_cfg.source, generated_ids=ids)
         train_rows, heldout_rows = split_by_prompt(rows, data_cfg.heldout_fraction, data_cfg.seed)
-        train, train_mask = pack_examples(train_rows, tokenizer, data_cfg.seq_len, "training split")
-        heldout, heldout_mask = pack_examples(heldout_rows, tokenizer, data_cfg.seq_len, "held-out split")
+        train, train_mask = pack_examples(
+            train_rows, tokenizer, data_cfg.seq_len, "training split", generated_ids=ids
+        )
+        heldout, heldout_mask = pack_examples(
+            heldout_rows, tokenizer, data_cfg.seq_len, "held-out split", generated_ids=ids
+        )
     else:
         docs = load_documents(data_cfg.source, data_cfg.format, data_cfg.text_field)
         train_docs, heldout_docs = split_documents(docs, data_cfg.heldout_fraction, data_cfg.seed)

@@ -51,7 +51,8 @@ def generate(
     """Sample one completion per prompt (token ids). Returns per prompt: `completion_ids` (up to and
     including the first stop token), `finished` (a stop token ended it) and, with `topk` > 0, the teacher's
     top-k log-probs (T = 1, normalised over the full vocabulary) at every completion position:
-    `topk_values` float32 [n, k] and `topk_ids` int32 [n, k]."""
+    `topk_values` float32 [n, k] and `topk_ids` int32 [n, k], and the log-prob of the token drawn there,
+    `token_logprob` float32 [n] (a soft-label cache's held-out teacher perplexity needs it)."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -72,14 +73,16 @@ def generate(
         input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
     )
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    tokens, top_values, top_ids = [], [], []
+    tokens, top_values, top_ids, token_logprobs = [], [], [], []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()
+        new = torch.where(done, pad_id, pick_tokens(logits, uniforms[:, step], temperature, top_p))
         if topk:
-            values, indices = torch.log_softmax(logits, dim=-1).topk(topk, dim=-1)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            values, indices = log_probs.topk(topk, dim=-1)
             top_values.append(values.cpu())
             top_ids.append(indices.cpu())
-        new = torch.where(done, pad_id, pick_tokens(logits, uniforms[:, step], temperature, top_p))
+            token_logprobs.append(log_probs.gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu())
         tokens.append(new.cpu())
         done |= torch.isin(new, stop)
         if bool(done.all()) or step == max_new_tokens - 1:
@@ -102,5 +105,6 @@ def generate(
         if topk:
             result["topk_values"] = torch.stack(top_values[:end], dim=0)[:, row].numpy()
             result["topk_ids"] = torch.stack(top_ids[:end], dim=0)[:, row].to(torch.int32).numpy()
+            result["token_logprob"] = torch.stack(token_logprobs[:end], dim=0)[:, row].numpy()
         results.append(result)
     return results
