@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from distill.data.completions import load_position_mask
 from distill.eval import evaluate, evaluate_cached, evaluate_student
 from distill.models import load_causal_lm, load_tokenizer
 from distill.stream import StreamStats, TeacherStream
+from distill.stream.client import TeacherStreamError
 from distill.stream.routing import evaluate_domains, open_routed_stream, source_names
 from distill.student import checkpoint
 from distill.student.engine import build_engine, export_pretrained, init_distributed
@@ -49,6 +51,7 @@ from distill.tracking import Progress, RunLogger
 
 log = logging.getLogger("distill")
 PREEMPTED_EXIT = 75  # checkpointed on SIGUSR1 and stopped; the run continues after a requeue
+TEACHER_LOST_EXIT = 76  # every teacher replica is gone: checkpointed and stopped with the cause logged
 
 
 class Preemption:
@@ -97,10 +100,23 @@ def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def global_token_count(num_tokens: int) -> float:
-    count = torch.tensor([float(num_tokens)], dtype=torch.float64)
-    dist.all_reduce(count)
-    return count.item()
+def all_ranks_sum(*values: float) -> list[float]:
+    summed = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def until_teacher_lost(pairs: Iterator) -> Iterator:
+    """(batch, teacher output, None) per micro-batch; if the stream fails, (None, None, error) and stop.
+
+    A rank that lost its teacher must not simply raise: the other ranks would wait forever in the next
+    collective. The loop all-reduces the error flag first, so every rank stops at the same micro-batch.
+    """
+    try:
+        for batch, out in pairs:
+            yield batch, out, None
+    except TeacherStreamError as e:
+        yield None, None, e
 
 
 def main(run_dir: Path) -> None:
@@ -166,6 +182,7 @@ def main(run_dir: Path) -> None:
             cfg.stream.values_dtype,
             cfg.stream.timeout_s,
             hidden_layers=objective.teacher_layers,  # None unless feature distillation is on
+            first_replica=rank,
         )
     device = engine.device
     sampler = StepSampler(len(train), t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed)
@@ -201,77 +218,87 @@ def main(run_dir: Path) -> None:
             log.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    if start_step == 0:
-        run_eval(0)
-
     stop = t.stop_at_step or t.max_steps
     scale = world * t.grad_accum_steps  # DeepSpeed averages over ranks and accumulation steps; undo it
     micro_batches = ((step, idx) for step in range(start_step, stop) for idx in sampler.micro_batches(step))
     progress = Progress(t.max_steps, start_step, t.log_every)
     sums: dict[str, float] = {}
     preempted = False
-    step_start, wait_start, normaliser = time.perf_counter(), stream.stats.wait_s, 0.0
-    for i, ((step, idx), teacher_out) in enumerate(
-        stream.stream(micro_batches, lambda mb: train.tokens[mb[1]])
-    ):
-        if i % t.grad_accum_steps == 0:
-            counted = sum(int(loss_mask(mb).sum()) for mb in sampler.micro_batches(step))
-            normaliser = global_token_count(counted)  # counted positions of the step, all ranks
-        ids = torch.from_numpy(train.tokens[idx].astype(np.int64)).to(device)
-        values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
-        if teacher_out is not None:
-            values, indices = (x.to(device) for x in teacher_out.tensors())
-            hidden = {layer: h.to(device) for layer, h in teacher_out.hidden_tensors().items()}
-        labels, mask = next_token_labels(ids), torch.from_numpy(loss_mask(idx)).to(device)
-        loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
-        engine.backward(loss * scale)
-        engine.step()
-        for key, value in {"loss": loss.item(), **loss_metrics}.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        if (i + 1) % t.grad_accum_steps:
-            continue
+    step_start, stats_start, normaliser = time.perf_counter(), stream.stats.copy(), 0.0
+    completed = start_step  # the last optimizer step whose update is in the weights
+    try:
+        if start_step == 0:
+            run_eval(0)
+        for i, (batch, teacher_out, lost) in enumerate(
+            until_teacher_lost(stream.stream(micro_batches, lambda mb: train.tokens[mb[1]]))
+        ):
+            first = i % t.grad_accum_steps == 0
+            step_tokens = 0  # counted positions of the whole step (this rank), summed over ranks below
+            if first and batch:
+                step_tokens = sum(int(loss_mask(mb).sum()) for mb in sampler.micro_batches(batch[0]))
+            step_tokens, ranks_lost = all_ranks_sum(step_tokens, lost is not None)
+            if ranks_lost:
+                raise lost or TeacherStreamError("another rank lost the teacher stream")
+            step, idx = batch
+            if first:
+                normaliser = step_tokens
+            ids = torch.from_numpy(train.tokens[idx].astype(np.int64)).to(device)
+            values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
+            if teacher_out is not None:
+                values, indices = (x.to(device) for x in teacher_out.tensors())
+                hidden = {layer: h.to(device) for layer, h in teacher_out.hidden_tensors().items()}
+            labels, mask = next_token_labels(ids), torch.from_numpy(loss_mask(idx)).to(device)
+            loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
+            engine.backward(loss * scale)
+            engine.step()
+            for key, value in {"loss": loss.item(), **loss_metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            if (i + 1) % t.grad_accum_steps:
+                continue
 
-        # ---- optimizer step `step` done: log, evaluate, checkpoint ----
-        done = step + 1
-        elapsed = time.perf_counter() - step_start
-        waited = stream.stats.wait_s - wait_start
-        totals = [sums.pop("loss"), elapsed, waited, *sums.values(), float(preemption.requested)]
-        totals = torch.tensor(totals, dtype=torch.float64)
-        dist.all_reduce(totals)
-        loss_sum, elapsed_sum, waited_sum, *rest, preempt_votes = totals.tolist()
-        preempted = preempt_votes > 0 and done < stop  # every rank sees the same sum: all stop together
-        reduced = dict(zip(sums, rest))
-        tokens = reduced.get("tokens", normaliser)
-        metrics = {
-            "train/loss": loss_sum,  # sparse top-k estimate (biased low); eval/kl is the exact one
-            "train/lr": engine.get_lr()[0],
-            "train/tokens_per_s": normaliser / (elapsed_sum / world),
-            "stream/wait_fraction": waited_sum / elapsed_sum,
-            "stream/bytes_per_token": stream.stats.bytes / max(1, stream.stats.tokens),
-        }
-        for key, value in reduced.items():
-            if key.endswith("_sum"):
-                metrics[f"train/{key[:-4]}"] = value / tokens
-        logger.log(done, metrics)
-        if rank == 0:
-            progress.update(done, metrics)
-        sums, step_start, wait_start = {}, time.perf_counter(), stream.stats.wait_s
-
-        if done % t.eval_every == 0 and done != t.max_steps:
-            run_eval(done)
-        if done % t.checkpoint_every == 0 or done == stop or preempted:
-            path = checkpoint.save(engine, ckpt_root, done, {"step": done}, t.keep_checkpoints)
+            # ---- optimizer step `step` done: log, evaluate, checkpoint ----
+            done = completed = step + 1
+            elapsed = time.perf_counter() - step_start
+            teacher = stream.stats.since(stats_start).as_vector()  # summed over ranks below
+            local = [sums.pop("loss"), elapsed, *sums.values(), float(preemption.requested), *teacher]
+            loss_sum, elapsed_sum, *rest = all_ranks_sum(*local)
+            rest, teacher = rest[: -len(teacher)], rest[-len(teacher) :]
+            *rest, preempt_votes = rest
+            preempted = preempt_votes > 0 and done < stop  # every rank sees the same sum: all stop together
+            reduced = dict(zip(sums, rest))
+            tokens = reduced.get("tokens", normaliser)
+            metrics = {
+                "train/loss": loss_sum,  # sparse top-k estimate (biased low); eval/kl is the exact one
+                "train/lr": engine.get_lr()[0],
+                "train/tokens_per_s": normaliser / (elapsed_sum / world),
+                "stream/bytes_per_token": stream.stats.bytes / max(1, stream.stats.tokens),
+                **StreamStats.metrics(teacher, wall_s=elapsed_sum / world, ranks=world),
+            }
+            for key, value in reduced.items():
+                if key.endswith("_sum"):
+                    metrics[f"train/{key[:-4]}"] = value / tokens
+            logger.log(done, metrics)
             if rank == 0:
-                log.info("checkpoint saved: %s", path)
-        if preempted:
-            break
+                progress.update(done, metrics)
+            sums, step_start, stats_start = {}, time.perf_counter(), stream.stats.copy()
+
+            if done % t.eval_every == 0 and done != t.max_steps:
+                run_eval(done)
+            if done % t.checkpoint_every == 0 or done == stop or preempted:
+                path = checkpoint.save(engine, ckpt_root, done, {"step": done}, t.keep_checkpoints)
+                if rank == 0:
+                    log.info("checkpoint saved: %s", path)
+            if preempted:
+                break
+        final = run_eval(t.max_steps) if stop == t.max_steps and not preempted else None
+    except TeacherStreamError as error:  # raised on every rank at the same point (agreed by all-reduce)
+        stop_without_teacher(engine, ckpt_root, completed, t.keep_checkpoints, error, logger, rank)
 
     if preempted:
         if rank == 0:
             log.info("preempted (SIGUSR1): stopped after the checkpoint at step %d; requeue to resume", done)
             logger.finish()
-    elif stop == t.max_steps:
-        final = run_eval(t.max_steps)
+    elif final is not None:
         export_pretrained(engine, tokenizer, run_dir / "student")
         if rank == 0:
             log.info("exported student: %s", run_dir / "student")
@@ -287,6 +314,26 @@ def main(run_dir: Path) -> None:
     dist.destroy_process_group()
     if preempted:
         sys.exit(PREEMPTED_EXIT)
+
+
+def stop_without_teacher(engine, ckpt_root: Path, step: int, keep: int, error, logger, rank: int) -> None:
+    """No teacher replica is left: keep the progress made (checkpoint the last completed step unless it
+    is already saved), say why and how to continue, and exit with TEACHER_LOST_EXIT on every rank."""
+    latest = checkpoint.latest(ckpt_root)
+    if step > 0 and (latest is None or latest != checkpoint.step_dir(ckpt_root, step)):
+        checkpoint.save(engine, ckpt_root, step, {"step": step}, keep)
+    if rank == 0:
+        log.error(
+            "teacher lost: %s. Training stopped after step %d; the checkpoint is in %s. Restore the teacher "
+            "(more replicas, teacher.max_restarts, a healthy node) and rerun with trainer.resume=latest.",
+            error,
+            step,
+            ckpt_root,
+        )
+        logger.finish()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(TEACHER_LOST_EXIT)
 
 
 def quiet_libraries() -> None:
