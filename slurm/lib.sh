@@ -7,6 +7,8 @@
 # raylet on each student node) -> teacher pool (launch.teacher, here) -> student ranks (srun, one task
 # per rank) -> summary. SIGUSR1 (the --signal warning) is forwarded to the ranks, which checkpoint and
 # exit with 75; the job then requeues itself and the next start resumes (trainer.resume=auto).
+# With teacher.source=none or cached (the run's config.yaml) no Ray and no teacher pool start: the
+# teacher nodes stay idle, so give such runs one small teacher node.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -58,37 +60,43 @@ requeue() { say "requeueing job $JOB_KEY"; scontrol requeue "$JOB_KEY"; exit 0; 
 "$PYTHON" -m launch.train launch.mode=prepare trainer.resume=auto "$@" \
     run_dir="$RUN_DIR" hydra.run.dir="$RUN_DIR/hydra" trainer.num_ranks="$NUM_RANKS"
 [ "$PREEMPTED" = 1 ] && requeue
+TEACHER_SOURCE=$("$PYTHON" -c 'import sys; from omegaconf import OmegaConf
+print(OmegaConf.load(sys.argv[1]).teacher.source)' "$RUN_DIR/config.yaml")
 
-# 2. Ray: head here, workers on the other teacher nodes, an empty raylet on every student node
-ray start --head --node-ip-address="$HEAD_IP" --port="${HEAD##*:}" --temp-dir="$RAY_TMP" \
-    --num-cpus="${TEACHER_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" --num-gpus="$GPUS_PER_NODE" \
-    --include-dashboard=false --block > "$RUN_DIR/ray-head.log" 2>&1 &
-PIDS+=($!)
-if [ ${#TEACHERS[@]} -gt 1 ]; then
-    srun "${TEACHER_SRUN[@]}" --overlap --nodes=$((${#TEACHERS[@]} - 1)) --ntasks=$((${#TEACHERS[@]} - 1)) --relative=1 \
-        ray start --address="$HEAD" --num-cpus="${TEACHER_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" \
-        --num-gpus="$GPUS_PER_NODE" --block > "$RUN_DIR/ray-teacher-workers.log" 2>&1 &
+if [ "$TEACHER_SOURCE" != live ]; then
+    say "teacher.source=$TEACHER_SOURCE: no Ray and no teacher pool"
+else
+    # 2. Ray: head here, workers on the other teacher nodes, an empty raylet on every student node
+    ray start --head --node-ip-address="$HEAD_IP" --port="${HEAD##*:}" --temp-dir="$RAY_TMP" \
+        --num-cpus="${TEACHER_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" --num-gpus="$GPUS_PER_NODE" \
+        --include-dashboard=false --block > "$RUN_DIR/ray-head.log" 2>&1 &
     PIDS+=($!)
-fi
-srun "${STUDENT_SRUN[@]}" --overlap --ntasks="${#STUDENTS[@]}" --ntasks-per-node=1 \
-    ray start --address="$HEAD" --num-cpus=0 --num-gpus=0 --block > "$RUN_DIR/ray-students.log" 2>&1 &
-PIDS+=($!)
+    if [ ${#TEACHERS[@]} -gt 1 ]; then
+        srun "${TEACHER_SRUN[@]}" --overlap --nodes=$((${#TEACHERS[@]} - 1)) --ntasks=$((${#TEACHERS[@]} - 1)) --relative=1 \
+            ray start --address="$HEAD" --num-cpus="${TEACHER_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" \
+            --num-gpus="$GPUS_PER_NODE" --block > "$RUN_DIR/ray-teacher-workers.log" 2>&1 &
+        PIDS+=($!)
+    fi
+    srun "${STUDENT_SRUN[@]}" --overlap --ntasks="${#STUDENTS[@]}" --ntasks-per-node=1 \
+        ray start --address="$HEAD" --num-cpus=0 --num-gpus=0 --block > "$RUN_DIR/ray-students.log" 2>&1 &
+    PIDS+=($!)
 
-# 3. the teacher pool (waits for all nodes to join Ray, loads the teacher, writes teacher.json)
-rm -f "$RUN_DIR/teacher.json"
-until "$PYTHON" -c 'import ray, sys; ray.init(address=sys.argv[1], logging_level="ERROR")' "$HEAD" \
-    > /dev/null 2>&1; do
-    kill -0 "${PIDS[0]}" 2> /dev/null || { cat "$RUN_DIR/ray-head.log"; exit 1; }
-    sleep 1
-done
-DISTILL_RAY_ADDRESS=$HEAD DISTILL_RAY_NODES=$((${#TEACHERS[@]} + ${#STUDENTS[@]})) \
-    "$PYTHON" -m launch.teacher "$RUN_DIR" &
-TEACHER_PID=$!
-until [ -f "$RUN_DIR/teacher.json" ]; do
-    kill -0 "$TEACHER_PID" 2> /dev/null || { say "the teacher pool failed to start"; exit 1; }
-    [ "$PREEMPTED" = 1 ] && requeue
-    sleep 1
-done
+    # 3. the teacher pool (waits for all nodes to join Ray, loads the teacher, writes teacher.json)
+    rm -f "$RUN_DIR/teacher.json"
+    until "$PYTHON" -c 'import ray, sys; ray.init(address=sys.argv[1], logging_level="ERROR")' "$HEAD" \
+        > /dev/null 2>&1; do
+        kill -0 "${PIDS[0]}" 2> /dev/null || { cat "$RUN_DIR/ray-head.log"; exit 1; }
+        sleep 1
+    done
+    DISTILL_RAY_ADDRESS=$HEAD DISTILL_RAY_NODES=$((${#TEACHERS[@]} + ${#STUDENTS[@]})) \
+        "$PYTHON" -m launch.teacher "$RUN_DIR" &
+    TEACHER_PID=$!
+    until [ -f "$RUN_DIR/teacher.json" ]; do
+        kill -0 "$TEACHER_PID" 2> /dev/null || { say "the teacher pool failed to start"; exit 1; }
+        [ "$PREEMPTED" = 1 ] && requeue
+        sleep 1
+    done
+fi
 
 # 4. the student ranks: one srun task per rank; rank 0's node hosts the torch.distributed store
 export MASTER_ADDR=$(node_ip "${STUDENTS[0]}") MASTER_PORT=${MASTER_PORT:-$(free_port)}

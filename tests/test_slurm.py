@@ -109,6 +109,22 @@ def test_two_node_run_trains_and_exports(script, slurm_env, tiny_teacher_dir, ti
     assert not list(Path("/tmp").glob(f"ray-distill-{job}")), "the job left its Ray directory behind"
 
 
+@pytest.mark.parametrize("script", ["distill.sbatch", "distill-het.sbatch"])
+def test_a_run_without_a_live_teacher_starts_no_ray(script, slurm_env, tiny_student_dir, tmp_path):
+    """teacher.source=none (cached alike): the scripts start neither Ray nor the teacher pool."""
+    run_dir = tmp_path / "plain"
+    overrides = tiny_overrides(Path("/no/teacher/needed"), tiny_student_dir, run_dir, "teacher.source=none")
+    job = submit(slurm_env, script, run_dir, overrides)
+    info = wait_job(slurm_env, job, timeout=240)
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "teacher.source=none: no Ray and no teacher pool" in log
+    assert not list(run_dir.glob("ray-*.log")) and not (run_dir / "teacher.json").exists()
+    assert [r["step"] for r in metrics(run_dir) if "train/loss" in r] == list(range(1, 9))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["ppl"] < summary["before"]["ppl"] and "kl" not in summary["after"]
+
+
 def test_requeue_resumes_to_the_uninterrupted_weights(
     slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
