@@ -7,9 +7,10 @@ until Ray has released every actor — before the next phase's teachers start. P
 phase i-1's final checkpoint (`phase.json`): its weights, and its optimizer state unless
 `reset_optimizer`; the LR schedule and step count start afresh.
 
-`curriculum.json` in the run directory records each phase's state. A run stopped mid-phase (preempted,
-or `trainer.stop_at_step` in a phase's `trainer:`) and started again with `trainer.resume=auto` skips the
-finished phases and resumes the interrupted one from its own newest checkpoint.
+`curriculum.json` in the run directory records each phase's state. A run stopped mid-phase (preempted:
+SIGUSR1 to the driver, which then exits with 75; or `trainer.stop_at_step` in a phase's `trainer:`) and
+started again with `trainer.resume=auto` skips the finished phases and resumes the interrupted one from
+its own newest checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from distill.config import ConfigError, validate
 from distill.stream.routing import members, used_teachers
 from distill.student import checkpoint
+from launch.preemption import Preempted
 
 log = logging.getLogger("distill")
 
@@ -100,7 +102,12 @@ def run_curriculum(cfg: DictConfig, run_dir: Path) -> dict:
         state["phases"] = state["phases"][:i] + [{"name": phase.name, "dir": str(pdir), "status": "running"}]
         _write(state_path, state)
         started = time.time()
-        summary = run(pcfg, pdir)
+        try:
+            summary = run(pcfg, pdir)
+        except Preempted as e:  # SIGUSR1: the phase's teachers are shut down; the rerun resumes this phase
+            state["phases"][i].update(status="preempted", step=e.step)
+            _write(state_path, state)
+            raise Preempted(e.step, f"{i} ({phase.name})") from None
         summary["eval"] = _last_eval(pdir)
         export = pdir / "student"
         done = export.is_dir() and export.stat().st_mtime >= started  # exported by this run, not a stale one

@@ -39,6 +39,8 @@ from distill.student.objective import resolve_layer_map
 from distill.teacher import TeacherPool, connect_ray
 from distill.teacher.pool import TeacherPools
 from launch.curriculum import run_curriculum
+from launch.preemption import PREEMPTION, Preempted, checkpointed_step
+from launch.student import PREEMPTED_EXIT
 
 log = logging.getLogger("distill")
 register_configs()
@@ -174,6 +176,7 @@ def launch_ranks(
     }
     if resume_from is not None:
         env["DISTILL_RESUME_FROM"] = str(resume_from)
+    PREEMPTION.check(run_dir)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "launch.student", str(run_dir)],
@@ -182,12 +185,24 @@ def launch_ranks(
         )
         for r in range(num_ranks)
     ]
+    stopping = (None, 0, PREEMPTED_EXIT)  # exit codes the other ranks soon share
+    forwarded = False
     try:
         while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if PREEMPTION.requested and not forwarded:  # each rank checkpoints and exits with PREEMPTED_EXIT
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGUSR1)
+                forwarded = True
+            if any(p.returncode == -signal.SIGUSR1 for p in procs):  # got it while starting: nothing trained
+                break
+            failed = [r for r, p in enumerate(procs) if p.returncode not in stopping]
             if failed:
                 raise RankFailure(f"student rank {failed[0]} exited with code {procs[failed[0]].returncode}")
             time.sleep(0.5)
+        codes = {p.returncode for p in procs}
+        if codes == {PREEMPTED_EXIT} or -signal.SIGUSR1 in codes:
+            raise Preempted(checkpointed_step(run_dir))  # the others are stopped below
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if failed:
             raise RankFailure(f"student rank {failed[0]} exited with code {procs[failed[0]].returncode}")
@@ -257,6 +272,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("attached to teacher pool %s: %s", run_tag, pool.info()[0]["device"])
     else:
         run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
+        PREEMPTION.check(run_dir)
         pool = start_teachers(run_tag, prepared, cfg, run_dir)
     try:
         launch_ranks(
@@ -317,15 +333,16 @@ def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     name_sweep_point(cfg)
-    if cfg.curriculum:  # phases, each an ordinary run in its own sub-directory
-        summary = run_curriculum(cfg, run_dir)
-        print_summary(summary)
-        return summary
-    if cfg.launch.mode == "prepare":
+    if cfg.launch.mode == "prepare" and not cfg.curriculum:
         prepare(cfg, run_dir.resolve())
         print(f"prepared {run_dir.resolve()}")
         return {}
-    summary = run(cfg, run_dir)
+    signal.signal(signal.SIGUSR1, PREEMPTION.request)
+    try:  # a curriculum: phases, each an ordinary run in its own sub-directory
+        summary = run_curriculum(cfg, run_dir) if cfg.curriculum else run(cfg, run_dir)
+    except Preempted as e:  # teachers are shut down; exit like the ranks so a batch script can requeue
+        print(e, flush=True)
+        sys.exit(PREEMPTED_EXIT)
     print_summary(summary)
     return summary
 
