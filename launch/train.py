@@ -40,7 +40,7 @@ from distill.teacher import TeacherPool, connect_ray
 from distill.teacher.pool import TeacherPools
 from launch.curriculum import run_curriculum
 from launch.preemption import PREEMPTION, Preempted, checkpointed_step
-from launch.student import PREEMPTED_EXIT
+from launch.student import PREEMPTED_EXIT, TEACHER_LOST_EXIT
 
 log = logging.getLogger("distill")
 register_configs()
@@ -185,7 +185,7 @@ def launch_ranks(
         )
         for r in range(num_ranks)
     ]
-    stopping = (None, 0, PREEMPTED_EXIT)  # exit codes the other ranks soon share
+    stopping = (None, 0, TEACHER_LOST_EXIT, PREEMPTED_EXIT)  # exit codes the other ranks soon share
     forwarded = False
     try:
         while any(p.poll() is None for p in procs):
@@ -205,6 +205,12 @@ def launch_ranks(
             raise Preempted(checkpointed_step(run_dir))  # the others are stopped below
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if failed:
+            if all(p.returncode == TEACHER_LOST_EXIT for p in procs):
+                raise RankFailure(
+                    f"the teacher pool is gone (every replica died); the students saved a checkpoint in "
+                    f"{run_dir / 'checkpoints'} and stopped. Fix the teacher, then rerun with "
+                    f"trainer.resume=latest."
+                )
             raise RankFailure(f"student rank {failed[0]} exited with code {procs[failed[0]].returncode}")
     finally:
         for p in procs:
@@ -293,7 +299,10 @@ def start_teachers(run_tag: str, prepared: dict, cfg: DictConfig, run_dir: Path)
     """The run's teacher pool, or with `teachers:` one pool per named teacher (`<run tag>.<name>`), whose
     actors and processes are listed in `teachers.json` (shutdown waits until they are gone)."""
     if not cfg.teachers:
-        return start_pool(run_tag, prepared["teacher"], cfg.teacher)
+        pool = start_pool(run_tag, prepared["teacher"], cfg.teacher)
+        # where each replica (and stage) runs: Ray node ids, devices, layers
+        (run_dir / "teacher_pool.json").write_text(json.dumps(pool.info(), indent=1))
+        return pool
     tcs = teacher_configs(cfg)
     named = {name: (prepared["teachers"][name], tcs[name]) for name in cfg.teachers}
     pools = TeacherPools.start(run_tag, named, start_pool)
