@@ -15,7 +15,7 @@ demo: install
 	WANDB_MODE=offline $(PYTHON) -m launch.train
 
 test: install
-	WANDB_MODE=offline $(PYTHON) -m pytest -q
+	WANDB_MODE=offline $(PYTHON) -m pytest -q --durations=30
 
 lint:
 	ruff check .
