@@ -117,6 +117,7 @@ class TrainerConfig:
     threads_per_rank: int = 1
     seed: int = 0
     dist_backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+    record_samples: bool = False  # audit trail: samples/rank<r>.jsonl, the sample ids of every micro-batch
 
 
 @dataclass

@@ -225,6 +225,7 @@ def main(run_dir: Path) -> None:
     sums: dict[str, float] = {}
     preempted = False
     step_start, stats_start, normaliser = time.perf_counter(), stream.stats.copy(), 0.0
+    sample_log = open_sample_log(run_dir, rank) if t.record_samples else None
     completed = start_step  # the last optimizer step whose update is in the weights
     try:
         if start_step == 0:
@@ -251,6 +252,9 @@ def main(run_dir: Path) -> None:
             loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
             engine.backward(loss * scale)
             engine.step()
+            if sample_log:  # this micro-batch is in the gradients now
+                record = {"step": step + 1, "micro_batch": i % t.grad_accum_steps, "samples": idx.tolist()}
+                sample_log.write(json.dumps(record) + "\n")
             for key, value in {"loss": loss.item(), **loss_metrics}.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             if (i + 1) % t.grad_accum_steps:
@@ -293,6 +297,9 @@ def main(run_dir: Path) -> None:
         final = run_eval(t.max_steps) if stop == t.max_steps and not preempted else None
     except TeacherStreamError as error:  # raised on every rank at the same point (agreed by all-reduce)
         stop_without_teacher(engine, ckpt_root, completed, t.keep_checkpoints, error, logger, rank)
+    finally:
+        if sample_log:
+            sample_log.close()
 
     if preempted:
         if rank == 0:
@@ -314,6 +321,14 @@ def main(run_dir: Path) -> None:
     dist.destroy_process_group()
     if preempted:
         sys.exit(PREEMPTED_EXIT)
+
+
+def open_sample_log(run_dir: Path, rank: int):
+    """`trainer.record_samples`: one JSON line per micro-batch trained (optimizer step, micro-batch, sample
+    ids), appended and line-buffered, so a crash keeps every line written; a resumed run appends the
+    steps it re-trains after the checkpoint it resumed from."""
+    (run_dir / "samples").mkdir(exist_ok=True)
+    return open(run_dir / "samples" / f"rank{rank}.jsonl", "a", buffering=1)
 
 
 def stop_without_teacher(engine, ckpt_root: Path, step: int, keep: int, error, logger, rank: int) -> None:

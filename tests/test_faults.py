@@ -1,8 +1,10 @@
 """A teacher actor killed mid-run (kill -9) is restarted by Ray; its in-flight requests are retried and
-the run trains every step exactly once, with the same losses as an undisturbed run."""
+the run trains every step exactly once (sample ids recorded and checked), with the same losses as an
+undisturbed run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +29,7 @@ def test_killed_teacher_is_restarted_and_every_step_trains_once(tiny_teacher_dir
         "trainer.eval_every=1000",
         "trainer.checkpoint_every=1000",
         "stream.prefetch=3",
+        "trainer.record_samples=true",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
 
@@ -76,6 +79,27 @@ def test_killed_teacher_is_restarted_and_every_step_trains_once(tiny_teacher_dir
     assert killed_at < 150  # the teacher died mid-training, not during the final evaluation
     assert [s for s, _ in disturbed_losses] == list(range(1, 201))  # every step exactly once
     assert disturbed_losses == pytest.approx(calm_losses, rel=1e-6)  # same batches, same teacher outputs
+
+    calm_samples, disturbed_samples = trained_samples(tmp_path / "calm"), trained_samples(disturbed_dir)
+    assert sorted(disturbed_samples) == sorted(calm_samples)  # every (rank, step, micro-batch) exactly once
+    assert disturbed_samples == calm_samples  # ... with the same sample ids
+    for step in range(1, 201):  # in each step the ranks train disjoint samples
+        ids = [i for (_, s, _), samples in disturbed_samples.items() if s == step for i in samples]
+        assert len(ids) == len(set(ids)) == 2 * 4  # 2 ranks x micro-batch 4 (conf/experiment/tiny.yaml)
+
+
+def trained_samples(run_dir) -> dict[tuple[int, int, int], list[int]]:
+    """(rank, step, micro-batch) -> sample ids, from `trainer.record_samples`; a record seen twice fails."""
+    trained = {}
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        rank = int(path.stem.removeprefix("rank"))
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            key = (rank, r["step"], r["micro_batch"])
+            assert key not in trained, f"{key} trained twice"
+            trained[key] = r["samples"]
+    assert len(trained) == 200 * len(list((run_dir / "samples").glob("rank*.jsonl")))
+    return trained
 
 
 def test_a_replica_that_stays_dead_is_dropped_and_none_left_is_a_clear_error(tiny_teacher_dir):
