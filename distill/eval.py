@@ -39,7 +39,50 @@ def _counted(mask: np.ndarray | None, start: int, ids: torch.Tensor) -> torch.Te
     return torch.from_numpy(mask[start : start + len(ids)]).to(ids.device, torch.bool)
 
 
+def _label_nll(log_probs: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """-log p(next token) at the counted positions that have a next token."""
+    return -log_probs[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[counted[:, :-1]]
+
+
 @torch.no_grad()
+def _summed_over_ranks(
+    model, sequences: np.ndarray, micro_batch: int, mask, batch_sums, n: int
+) -> list[float]:
+    """Σ of the `n` values of `batch_sums(batch, ids, counted, student_log_probs)` over this rank's
+    micro-batches, in float64, all-reduced over ranks (a rank with no sequences adds zeros), with the
+    model in eval mode. `student_log_probs()` runs the forward when called, so a teacher can be asked
+    (and the ranks agree on its answer) before the forward."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(n, dtype=torch.float64)
+    for start in range(0, len(sequences), micro_batch):
+        batch = sequences[start : start + micro_batch]
+        ids = torch.from_numpy(batch.astype(np.int64)).to(device)
+
+        def student_log_probs(ids=ids) -> torch.Tensor:
+            return torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+
+        sums += torch.tensor(
+            [float(x) for x in batch_sums(batch, ids, _counted(mask, start, ids), student_log_probs)],
+            dtype=torch.float64,
+        )
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    return sums.tolist()
+
+
+def _against_teacher(sums: list[float], kl_name: str) -> dict[str, float]:
+    kl, agree, positions, nll, teacher_nll, label_positions = sums
+    return {
+        kl_name: kl / positions,
+        "top1_agreement": agree / positions,
+        "ppl": math.exp(nll / label_positions),
+        "teacher_ppl": math.exp(teacher_nll / label_positions),
+    }
+
+
 def evaluate(
     model: torch.nn.Module,
     sequences: np.ndarray,
@@ -52,67 +95,39 @@ def evaluate(
     `teacher_log_probs(input_ids) -> np.ndarray [B, T, V]` returns full-vocabulary teacher log-probs.
     `mask` [N, T] (positions that count, e.g. those predicting completion tokens; None = all).
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(6, dtype=torch.float64)  # kl, agree, positions, nll, teacher_nll, label positions
-    for start in range(0, len(sequences), micro_batch):
-        batch = sequences[start : start + micro_batch]
-        ids = torch.from_numpy(batch.astype(np.int64)).to(device)
-        log_p = torch.tensor(_agreed(teacher_log_probs, batch), dtype=torch.float64, device=device)
-        log_q = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
-        counted = _counted(mask, start, ids)
+
+    def batch_sums(batch, ids, counted, student_log_probs) -> list:
+        log_p = torch.tensor(_agreed(teacher_log_probs, batch), dtype=torch.float64, device=ids.device)
+        log_q = student_log_probs()
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)[counted]
-        labels, counted_labels = ids[:, 1:], counted[:, :-1]
-        nll = -log_q[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)[counted_labels]
-        teacher_nll = -log_p[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)[counted_labels]
-        sums += torch.tensor(
-            [
-                kl.sum(),
-                (log_p.argmax(-1) == log_q.argmax(-1))[counted].sum(),
-                kl.numel(),
-                nll.sum(),
-                teacher_nll.sum(),
-                nll.numel(),
-            ],
-            dtype=torch.float64,
-        )
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model.train(was_training)
-    kl, agree, positions, nll, teacher_nll, label_positions = sums.tolist()
-    return {
-        "kl": kl / positions,
-        "top1_agreement": agree / positions,
-        "ppl": math.exp(nll / label_positions),
-        "teacher_ppl": math.exp(teacher_nll / label_positions),
-    }
+        nll = _label_nll(log_q, ids, counted)
+        agree = (log_p.argmax(-1) == log_q.argmax(-1))[counted]
+        return [
+            kl.sum(),
+            agree.sum(),
+            kl.numel(),
+            nll.sum(),
+            _label_nll(log_p, ids, counted).sum(),
+            nll.numel(),
+        ]
+
+    return _against_teacher(_summed_over_ranks(model, sequences, micro_batch, mask, batch_sums, 6), "kl")
 
 
-@torch.no_grad()
 def evaluate_student(
     model: torch.nn.Module, sequences: np.ndarray, micro_batch: int, mask: np.ndarray | None = None
 ) -> dict[str, float]:
     """With no teacher (`teacher.source=none`): the student's perplexity on the next tokens of the counted
     positions (`mask`, e.g. completion tokens; None = all). Collective, like `evaluate`."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)  # nll, label positions
-    for start in range(0, len(sequences), micro_batch):
-        ids = torch.from_numpy(sequences[start : start + micro_batch].astype(np.int64)).to(device)
-        counted = _counted(mask, start, ids)[:, :-1]
-        log_q = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
-        nll = -log_q.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[counted]
-        sums += torch.tensor([nll.sum(), nll.numel()], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model.train(was_training)
-    nll, label_positions = sums.tolist()
+
+    def batch_sums(batch, ids, counted, student_log_probs) -> list:
+        nll = _label_nll(student_log_probs(), ids, counted)
+        return [nll.sum(), nll.numel()]
+
+    nll, label_positions = _summed_over_ranks(model, sequences, micro_batch, mask, batch_sums, 2)
     return {"ppl": math.exp(nll / label_positions)}
 
 
-@torch.no_grad()
 def evaluate_cached(
     model: torch.nn.Module,
     sequences: np.ndarray,
@@ -127,43 +142,22 @@ def evaluate_cached(
     [B, T - 1])`. kl_topk_bucket: KL over the k teacher ids plus one bucket holding the rest of the mass
     on each side, a lower bound of the exact KL (merging outcomes never increases a KL).
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(6, dtype=torch.float64)  # kl, agree, positions, nll, teacher_nll, label positions
-    for start in range(0, len(sequences), micro_batch):
-        batch = sequences[start : start + micro_batch]
-        ids = torch.from_numpy(batch.astype(np.int64)).to(device)
-        values, indices, target = (torch.from_numpy(np.asarray(x)).to(device) for x in teacher_topk(batch))
-        log_p = values.double()
-        log_q = torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+
+    def batch_sums(batch, ids, counted, student_log_probs) -> list:
+        values, indices, target = (
+            torch.from_numpy(np.asarray(x)).to(ids.device) for x in teacher_topk(batch)
+        )
+        log_p, log_q = values.double(), student_log_probs()
         log_q_k = log_q.gather(-1, indices.long())
         p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)
         q_tail = (1 - log_q_k.exp().sum(-1)).clamp_min(torch.finfo(torch.float64).tiny)
         tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-300).log() - q_tail.log()), 0.0)
-        counted = _counted(mask, start, ids)
         kl = ((log_p.exp() * (log_p - log_q_k)).sum(-1) + tail)[counted]
-        labels, counted_labels = ids[:, 1:], counted[:, :-1]
-        nll = -log_q[:, :-1].gather(-1, labels.unsqueeze(-1)).squeeze(-1)[counted_labels]
-        teacher_nll = -target.double()[counted_labels]
-        sums += torch.tensor(
-            [
-                kl.sum(),
-                (indices[..., 0].long() == log_q.argmax(-1))[counted].sum(),
-                kl.numel(),
-                nll.sum(),
-                teacher_nll.sum(),
-                nll.numel(),
-            ],
-            dtype=torch.float64,
-        )
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model.train(was_training)
-    kl, agree, positions, nll, teacher_nll, label_positions = sums.tolist()
-    return {
-        "kl_topk_bucket": kl / positions,
-        "top1_agreement": agree / positions,
-        "ppl": math.exp(nll / label_positions),
-        "teacher_ppl": math.exp(teacher_nll / label_positions),
-    }
+        nll = _label_nll(log_q, ids, counted)
+        teacher_nll = -target.double()[counted[:, :-1]]
+        agree = (indices[..., 0].long() == log_q.argmax(-1))[counted]
+        return [kl.sum(), agree.sum(), kl.numel(), nll.sum(), teacher_nll.sum(), nll.numel()]
+
+    return _against_teacher(
+        _summed_over_ranks(model, sequences, micro_batch, mask, batch_sums, 6), "kl_topk_bucket"
+    )
