@@ -68,22 +68,19 @@ def smollm2_dir() -> Path:
     return smollm2_folder()
 
 
+def start_tiny_pool(model_dir: Path, run_tag: str, replicas: int = 2, max_restarts: int = 3) -> TeacherPool:
+    """`replicas` of a tiny teacher as real Ray actors, on a Ray runtime local to this test process."""
+    connect_ray(None, num_cpus=2)
+    return TeacherPool.start(
+        run_tag, str(model_dir), replicas, "float32", "sdpa", 1, 0.5, 0, max_restarts=max_restarts
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_teacher_pool(tiny_teacher_dir: Path):
-    """Two replicas of the tiny teacher as real Ray actors, on a Ray runtime local to this test process."""
     import ray
 
-    connect_ray(None, num_cpus=2)
-    pool = TeacherPool.start(
-        "test-pool",
-        str(tiny_teacher_dir),
-        replicas=2,
-        dtype="float32",
-        attn_implementation="sdpa",
-        threads=1,
-        cpus_per_replica=0.5,
-        gpus_per_replica=0,
-    )
+    pool = start_tiny_pool(tiny_teacher_dir, "test-pool")
     yield pool
     pool.shutdown()
     ray.shutdown()

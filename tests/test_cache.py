@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_online import ROOT, metrics, run_train, tiny_overrides
+from test_online import ROOT, metrics, run_module, run_train, tiny_overrides
 
 from distill.cache import CachedTeacher, CacheError, CacheWriter
 from distill.cache.codec import decode_values, encode_values
@@ -36,12 +36,9 @@ from launch.train import prepare
 SHARD, BATCH = 4, 2  # small shards: many of them, so a kill lands mid-run
 
 
-def cache_command(teacher: Path, cache_dir: Path, *extra: str) -> list[str]:
+def cache_args(teacher: Path, cache_dir: Path, *extra: str) -> list[str]:
     """`launch.cache` over the data of conf/experiment/tiny.yaml (what tiny training runs pack)."""
     return [
-        sys.executable,
-        "-m",
-        "launch.cache",
         "teacher=local",
         f"teacher.model.name_or_path={teacher}",
         "teacher.dtype=float32",
@@ -57,17 +54,11 @@ def cache_command(teacher: Path, cache_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def env() -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-
-
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_teacher_dir, tmp_path_factory) -> Path:
     cache_dir = tmp_path_factory.mktemp("cache") / "tiny"
-    proc = subprocess.run(
-        cache_command(tiny_teacher_dir, cache_dir), cwd=ROOT, env=env(), capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_module("launch.cache", cache_args(tiny_teacher_dir, cache_dir))
+    assert proc.returncode == 0
     return cache_dir
 
 
@@ -111,9 +102,9 @@ def test_cached_replies_equal_the_live_teachers_bit_for_bit(tiny_cache, tiny_tea
 def test_writer_killed_mid_run_resumes_to_the_same_cache(tiny_cache, tiny_teacher_dir, tmp_path):
     cache_dir = tmp_path / "killed"
     writer = subprocess.Popen(
-        cache_command(tiny_teacher_dir, cache_dir),
+        [sys.executable, "-m", "launch.cache", *cache_args(tiny_teacher_dir, cache_dir)],
         cwd=ROOT,
-        env=env(),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -137,10 +128,8 @@ def test_writer_killed_mid_run_resumes_to_the_same_cache(tiny_cache, tiny_teache
     with pytest.raises(CacheError, match="incomplete"):
         CachedTeacher(cache_dir, topk=16)
 
-    proc = subprocess.run(
-        cache_command(tiny_teacher_dir, cache_dir), cwd=ROOT, env=env(), capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_module("launch.cache", cache_args(tiny_teacher_dir, cache_dir))
+    assert proc.returncode == 0
     assert f"{len(before['shards'])} of {len(total)} shards already written" in proc.stderr
     after = manifest(cache_dir)
     assert after["complete"] and not list(cache_dir.glob("*.tmp"))
@@ -248,12 +237,9 @@ def test_cached_training_equals_online_training_and_a_sweep_reads_one_cache(
     )
     assert proc.returncode == 0
 
-    no_ray = {**env(), "RAY_ADDRESS": "127.0.0.1:9"}  # any ray.init would try (and fail) to join this
-    sweep = subprocess.run(
+    sweep = run_module(
+        "launch.train",
         [
-            sys.executable,
-            "-m",
-            "launch.train",
             "-m",
             "+experiment=tiny",
             f"student.model.name_or_path={tiny_student_dir}",
@@ -263,13 +249,10 @@ def test_cached_training_equals_online_training_and_a_sweep_reads_one_cache(
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
             *steps,
         ],
-        cwd=ROOT,
-        env=no_ray,
-        capture_output=True,
-        text=True,
         timeout=900,
+        RAY_ADDRESS="127.0.0.1:9",  # any ray.init would try (and fail) to join this
     )
-    assert sweep.returncode == 0, sweep.stderr[-4000:]
+    assert sweep.returncode == 0
     assert "held-out KL, top-k + tail bucket" in sweep.stdout
 
     def losses(run_dir):

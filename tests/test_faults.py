@@ -105,23 +105,12 @@ def trained_samples(run_dir) -> dict[tuple[int, int, int], list[int]]:
 def test_a_replica_that_stays_dead_is_dropped_and_none_left_is_a_clear_error(tiny_teacher_dir):
     import numpy as np
     import ray
+    from conftest import start_tiny_pool
 
     from distill.stream import TeacherStream
     from distill.stream.client import TeacherStreamError
-    from distill.teacher import TeacherPool, connect_ray
 
-    connect_ray(None, num_cpus=2)
-    pool = TeacherPool.start(
-        "faults",
-        str(tiny_teacher_dir),
-        replicas=2,
-        dtype="float32",
-        attn_implementation="sdpa",
-        threads=1,
-        cpus_per_replica=0.5,
-        gpus_per_replica=0,
-        max_restarts=0,
-    )
+    pool = start_tiny_pool(tiny_teacher_dir, "faults", max_restarts=0)
     try:
         batches = [np.full((1, 8), i, dtype=np.uint16) for i in range(6)]
         stream = TeacherStream(pool.actors, topk=4, prefetch=2, values_dtype="float32", timeout_s=60)

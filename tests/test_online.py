@@ -28,12 +28,13 @@ def tiny_overrides(teacher: Path, student: Path, run_dir: Path, *extra: str) -> 
     ]
 
 
-def run_train(overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+def run_module(module: str, args: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` from the repository root, W&B offline, plus `env`; the output tails are
+    printed when it fails, so a failing test shows why."""
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.train", *overrides],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -41,6 +42,10 @@ def run_train(overrides: list[str], timeout: int = 600) -> subprocess.CompletedP
     if proc.returncode != 0:
         print(proc.stdout[-6000:], proc.stderr[-6000:])
     return proc
+
+
+def run_train(overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return run_module("launch.train", overrides, timeout)
 
 
 def metrics(run_dir: Path) -> list[dict]:

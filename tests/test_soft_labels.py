@@ -11,10 +11,7 @@ generation the conversion cannot serve is refused before compute with the fix na
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_online import ROOT, metrics, run_train, tiny_overrides
+from test_online import ROOT, metrics, run_module, run_train, tiny_overrides
 from test_synthetic import generation_overrides, run_generate
 from transformers import AutoTokenizer
 
@@ -83,10 +80,7 @@ def soft_cache(generation, tiny_teacher_dir, tmp_path_factory) -> Path:
     generated, seq_len = generation
     cache_dir = tmp_path_factory.mktemp("soft") / "cache"
     overrides = cache_overrides(tiny_teacher_dir, generated, seq_len, cache_dir, "cache.values_dtype=float32")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "127.0.0.1:9"}  # any ray.init would fail
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.cache", *overrides], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    proc = run_module("launch.cache", overrides, RAY_ADDRESS="127.0.0.1:9")  # any ray.init would fail
     assert proc.returncode == 0, proc.stderr[-4000:]
     return cache_dir
 

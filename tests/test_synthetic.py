@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_online import ROOT, metrics, run_train, tiny_overrides
+from test_online import ROOT, metrics, run_module, run_train, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from distill.data.completions import prompt_ids
@@ -85,19 +85,8 @@ def test_no_teacher_trains_on_plain_text(tiny_student_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def run_generate(overrides: list[str], timeout: int = 600, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.generate", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        print(proc.stdout[-6000:], proc.stderr[-6000:])
-    return proc
+def run_generate(overrides: list[str]) -> subprocess.CompletedProcess:
+    return run_module("launch.generate", overrides)
 
 
 def generation_overrides(teacher: Path, prompts: Path, out: Path, *extra: str) -> list[str]:

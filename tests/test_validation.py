@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from test_online import run_module
 
 from distill.config import ConfigError
 from distill.data import DataError
@@ -114,15 +113,7 @@ def test_unknown_loss_argument_value(check):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "launch.train", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("launch.train", list(args), timeout=120)
 
 
 def test_cli_rejects_unknown_key_and_wrong_type_before_loading_anything():
