@@ -56,10 +56,12 @@ def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "student" / "model.safetensors"))
 
 
-def heldout_kl(teacher_dir: Path, student_dir: Path, heldout: np.ndarray) -> float:
+def heldout_kl(
+    teacher_dir: Path, student_dir: Path, heldout: np.ndarray, student_dtype: torch.dtype = torch.float32
+) -> float:
     """KL(teacher‖student) over the held-out tokens, recomputed outside the training processes."""
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=student_dtype).eval()
     ids = torch.from_numpy(heldout.astype(np.int64))
     with torch.no_grad():
         log_p = torch.log_softmax(teacher(input_ids=ids).logits.double(), -1)
@@ -67,9 +69,9 @@ def heldout_kl(teacher_dir: Path, student_dir: Path, heldout: np.ndarray) -> flo
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_online_distillation_end_to_end(stage, tiny_teacher_dir, tiny_student_dir, tmp_path):
-    run_dir = tmp_path / f"zero{stage}"
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "fp32"), (3, "bf16")])
+def test_online_distillation_end_to_end(stage, precision, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    run_dir = tmp_path / f"zero{stage}-{precision}"
     logger = ["logger=wandb", "logger.mode=offline"] if stage == 2 else []
     proc = run_train(
         tiny_overrides(
@@ -77,6 +79,7 @@ def test_online_distillation_end_to_end(stage, tiny_teacher_dir, tiny_student_di
             tiny_student_dir,
             run_dir,
             f"trainer=zero{stage}",
+            f"trainer.precision={precision}",
             *logger,
             "trainer.max_steps=16",
             "trainer.eval_every=8",
@@ -97,7 +100,9 @@ def test_online_distillation_end_to_end(stage, tiny_teacher_dir, tiny_student_di
 
     # the exported student reloads and reproduces the logits it had at the end of training
     heldout = np.load(run_dir / "data" / "heldout.npy")
-    assert heldout_kl(tiny_teacher_dir, run_dir / "student", heldout) == pytest.approx(
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]  # bf16 training exports bf16 weights
+    assert load_file(str(run_dir / "student" / "model.safetensors"))["lm_head.weight"].dtype == dtype
+    assert heldout_kl(tiny_teacher_dir, run_dir / "student", heldout, dtype) == pytest.approx(
         evals[-1]["eval/kl"], rel=1e-6
     )
     summary = json.loads((run_dir / "summary.json").read_text())
