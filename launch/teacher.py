@@ -1,9 +1,10 @@
 """The teacher host of a Slurm run: `python -m launch.teacher RUN_DIR` (run by the batch script).
 
 Joins the Ray cluster at $DISTILL_RAY_ADDRESS (the head the batch script started on the first teacher
-node), starts the run's teacher pool there, writes `teacher.json` (Ray address, namespace, run tag) into
-the run directory for the student ranks and for `teacher.attach`, then blocks until `teacher.stop`
-appears in the run directory or it is terminated, and shuts the pool down.
+node), starts the run's teacher pool there (with `teachers:`, one pool per named teacher), writes
+`teacher.json` (Ray address, namespace, run tag) into the run directory for the student ranks and for
+`teacher.attach`, then blocks until `teacher.stop` appears in the run directory or it is terminated, and
+shuts the pool down.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ray
 
 from distill.config import load_run_config
 from distill.teacher import connect_ray
-from launch.train import start_pool
+from launch.train import start_teachers
 
 log = logging.getLogger("distill")
 
@@ -45,8 +46,7 @@ def main(run_dir: Path) -> None:
     connect_ray(os.environ.get("DISTILL_RAY_ADDRESS", cfg.ray.address), cfg.ray.namespace)
     wait_for_nodes(int(os.environ.get("DISTILL_RAY_NODES", "1")))
     run_tag = os.environ.get("DISTILL_RUN_TAG") or f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
-    pool = start_pool(run_tag, models["teacher"], cfg.teacher)
-    (run_dir / "teacher_pool.json").write_text(json.dumps(pool.info(), indent=1))  # nodes, devices, layers
+    pool = start_teachers(run_tag, models, cfg, run_dir)  # writes teacher_pool.json / teachers.json
     try:
         info = {
             "ray_address": ray.get_runtime_context().gcs_address,

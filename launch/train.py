@@ -297,7 +297,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 def start_teachers(run_tag: str, prepared: dict, cfg: DictConfig, run_dir: Path):
     """The run's teacher pool, or with `teachers:` one pool per named teacher (`<run tag>.<name>`), whose
-    actors and processes are listed in `teachers.json` (shutdown waits until they are gone)."""
+    actors and processes are listed in `teachers.json` (shutdown waits until they are gone). `prepared`:
+    the teacher folders from `prepare` (`models.json`)."""
+    check_ray_resources(teacher_configs(cfg) if cfg.teachers else {"teacher": cfg.teacher})
     if not cfg.teachers:
         pool = start_pool(run_tag, prepared["teacher"], cfg.teacher)
         # where each replica (and stage) runs: Ray node ids, devices, layers
@@ -308,6 +310,24 @@ def start_teachers(run_tag: str, prepared: dict, cfg: DictConfig, run_dir: Path)
     pools = TeacherPools.start(run_tag, named, start_pool)
     (run_dir / "teachers.json").write_text(json.dumps({"actors": pools.names, "pids": pools.pids()}))
     return pools
+
+
+def check_ray_resources(named: dict[str, DictConfig]) -> None:
+    """Refuse, before any model loads, teachers that ask for more CPUs or GPUs than the Ray cluster has:
+    Ray would keep their actors pending forever and the run would hang without a word."""
+    import ray
+
+    have = ray.cluster_resources()
+    for resource, per_replica in (("CPU", "cpus_per_replica"), ("GPU", "gpus_per_replica")):
+        asks = {name: tc.replicas * tc[per_replica] for name, tc in named.items() if tc[per_replica]}
+        if sum(asks.values()) > have.get(resource, 0) + 1e-9:
+            detail = ", ".join(f"{name}: {need:g}" for name, need in asks.items())
+            raise ConfigError(
+                f"the teachers need {sum(asks.values()):g} {resource}s ({detail}; replicas x {per_replica}) "
+                f"but the Ray cluster has {have.get(resource, 0):g}: lower {per_replica} or give Ray more "
+                f"(ray.num_cpus / ray.num_gpus locally; TEACHER_CPUS, GPUS_PER_NODE or more TEACHER_NODES "
+                f"on Slurm)."
+            )
 
 
 def start_pool(run_tag: str, teacher_dir: str, tc: DictConfig) -> TeacherPool:
@@ -342,7 +362,13 @@ def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
     name_sweep_point(cfg)
-    if cfg.launch.mode == "prepare" and not cfg.curriculum:
+    if cfg.launch.mode == "prepare" and cfg.curriculum:
+        raise ConfigError(
+            "a curriculum runs with the local driver (`python -m launch.train`, which starts each phase's "
+            "teachers and ranks itself, e.g. inside one Slurm allocation); launch.mode=prepare (the Slurm "
+            "scripts) runs single-phase runs: drop `curriculum` or submit one job per phase."
+        )
+    if cfg.launch.mode == "prepare":
         prepare(cfg, run_dir.resolve())
         print(f"prepared {run_dir.resolve()}")
         return {}

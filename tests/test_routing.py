@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_online import run_train, tiny_overrides
 from test_validation import compose_cfg
 
 from distill.config import ConfigError
@@ -142,6 +143,11 @@ def test_ensemble_stream_mixes_its_members_replies(two_pools):
         np.testing.assert_allclose(out.values, values.numpy(), rtol=1e-6)
 
 
+def two_teachers(a: Path, b: Path) -> str:
+    """The override that names teachers `a` and `b` (their model folders)."""
+    return f"+teachers={{a:{{model:{{name_or_path:{a}}}}},b:{{model:{{name_or_path:{b}}}}}}}"
+
+
 SOURCES = "data.sources=[{name:python,source:pydoc_topics},{name:licenses,source:common_licenses}]"
 
 
@@ -186,3 +192,20 @@ def test_sources_are_packed_and_tagged_per_source(tiny_teacher_dir, tiny_student
     heldout_source = np.load(data / "heldout_source.npy")
     assert len(train_source) == len(np.load(data / "train.npy")) and (train_source == 1).sum() == 100
     assert (heldout_source == 0).sum() == 4 and (heldout_source == 1).sum() == 4  # every domain evaluated
+
+
+def test_teachers_that_do_not_fit_the_ray_cluster_are_refused_before_loading(
+    tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """Two teachers at 1 CPU each on a 1-CPU Ray: Ray would leave the second pending forever."""
+    run_dir = tmp_path / "run"
+    routed = [SOURCES, two_teachers(tiny_teacher_dir, tiny_student_dir), "+routing={python:a,licenses:b}"]
+    proc = run_train(
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *routed, "ray.num_cpus=1"),
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "the teachers need 2 CPUs (a: 1, b: 1; replicas x cpus_per_replica) but the Ray cluster has 1" in (
+        proc.stderr
+    )
+    assert "teacher pool ready" not in proc.stderr + proc.stdout  # nothing was loaded

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_online import exported_weights, metrics, run_train, tiny_overrides
+from test_online import exported_weights, metrics, run_module, run_train, tiny_overrides
+from test_routing import SOURCES, two_teachers
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "slurm" / "local-cluster"
@@ -123,6 +124,41 @@ def test_a_run_without_a_live_teacher_starts_no_ray(script, slurm_env, tiny_stud
     assert [r["step"] for r in metrics(run_dir) if "train/loss" in r] == list(range(1, 9))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["after"]["ppl"] < summary["before"]["ppl"] and "kl" not in summary["after"]
+
+
+def test_several_routed_teachers_on_slurm(slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    """`teachers:` + `routing:` through distill.sbatch: the teacher host starts one pool per teacher, the
+    ranks on the student node attach to both; each domain is evaluated against its own teacher."""
+    run_dir = tmp_path / "routed"
+    overrides = tiny_overrides(
+        tiny_teacher_dir,
+        tiny_student_dir,
+        run_dir,
+        SOURCES,
+        two_teachers(tiny_teacher_dir, tiny_student_dir),
+        "+routing={python:a,licenses:b}",
+    )
+    teacher_cpus = {**slurm_env, "TEACHER_CPUS": "2"}  # 1 CPU per teacher
+    job = submit(teacher_cpus, "distill.sbatch", run_dir, overrides)
+    info = wait_job(slurm_env, job, timeout=300)
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    pools = json.loads((run_dir / "teachers.json").read_text())["actors"]
+    assert sorted(name.split("/")[0].rsplit(".", 1)[1] for name in pools) == ["a", "b"]  # <run tag>.<name>
+    assert [r["step"] for r in metrics(run_dir) if "train/loss" in r] == list(range(1, 9))
+    evals = [r for r in metrics(run_dir) if "eval/kl" in r]
+    assert {"eval/python/kl_a", "eval/licenses/kl_b"} <= set(evals[-1])  # each domain, every teacher
+    assert evals[-1]["eval/kl"] < evals[0]["eval/kl"]  # KL to the routed teachers fell
+    assert (run_dir / "student" / "model.safetensors").is_file()
+
+
+def test_a_curriculum_is_refused_by_the_slurm_scripts_before_compute(tmp_path):
+    proc = run_module(
+        "launch.train",
+        ["launch.mode=prepare", f"run_dir={tmp_path / 'c'}", "+curriculum=[{name:a,max_steps:2}]"],
+    )
+    assert proc.returncode != 0 and "a curriculum runs with the local driver" in proc.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_requeue_resumes_to_the_uninterrupted_weights(
