@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_online import exported_weights, metrics, run_module, run_train, tiny_overrides
+from test_online import exported_weights, metrics, run_train, tiny_overrides
 from test_routing import SOURCES, two_teachers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,15 +150,6 @@ def test_several_routed_teachers_on_slurm(slurm_env, tiny_teacher_dir, tiny_stud
     assert {"eval/python/kl_a", "eval/licenses/kl_b"} <= set(evals[-1])  # each domain, every teacher
     assert evals[-1]["eval/kl"] < evals[0]["eval/kl"]  # KL to the routed teachers fell
     assert (run_dir / "student" / "model.safetensors").is_file()
-
-
-def test_a_curriculum_is_refused_by_the_slurm_scripts_before_compute(tmp_path):
-    proc = run_module(
-        "launch.train",
-        ["launch.mode=prepare", f"run_dir={tmp_path / 'c'}", "+curriculum=[{name:a,max_steps:2}]"],
-    )
-    assert proc.returncode != 0 and "a curriculum runs with the local driver" in proc.stderr
-    assert not (tmp_path / "c").exists()
 
 
 def test_requeue_resumes_to_the_uninterrupted_weights(

@@ -127,3 +127,10 @@ def test_cli_prints_the_composed_config():
     shown = cli("trainer=zero3", "loss.temperature=2.0", "--cfg", "job")
     assert shown.returncode == 0, shown.stderr
     assert "zero_stage: 3" in shown.stdout and "temperature: 2.0" in shown.stdout
+
+
+def test_a_curriculum_is_refused_by_the_slurm_prepare_step_before_compute(tmp_path):
+    """The Slurm scripts prepare with launch.mode=prepare; a curriculum needs the local driver."""
+    proc = cli("launch.mode=prepare", f"run_dir={tmp_path / 'c'}", "+curriculum=[{name:a,max_steps:2}]")
+    assert proc.returncode != 0 and "a curriculum runs with the local driver" in proc.stderr
+    assert not (tmp_path / "c").exists()
