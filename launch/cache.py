@@ -23,10 +23,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from distill.cache.generation import generation_signals, shard
-from distill.cache.manifest import FORMAT, CacheError, row_digests, tokenizer_hash, weights_hash
+from distill.cache.manifest import FORMAT, CacheError, row_digests, weights_hash
 from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
 from distill.config import register_configs, validate_cache
 from distill.data import PackedDataset, prepare_datasets
+from distill.files import tokenizer_hash
 from distill.models import load_tokenizer, num_hidden_layers, vocab_size
 from distill.stream import TeacherStream
 from distill.teacher import connect_ray

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 
 from distill.cache.codec import decode_float32, decode_values, value_keys
-from distill.cache.manifest import CacheError, read_manifest, sha256_file
+from distill.cache.manifest import CacheError, read_manifest
+from distill.files import sha256_file
 from distill.stream import StreamStats
 from distill.teacher.actor import TeacherOutput
 

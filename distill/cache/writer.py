@@ -21,14 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from distill.cache.codec import encode_values
-from distill.cache.manifest import (
-    MANIFEST,
-    CacheError,
-    check_same_cache,
-    read_manifest,
-    sha256_file,
-    write_json_atomic,
-)
+from distill.cache.manifest import MANIFEST, CacheError, check_same_cache, read_manifest
+from distill.files import sha256_file, write_json_atomic
 from distill.teacher.actor import _to_numpy, index_dtype
 
 SPLITS = ("heldout", "train")  # held-out first: small, and evaluation needs it from step 0
