@@ -68,6 +68,8 @@ class DataSourceConfig:
     format: str = "auto"
     text_field: str = "text"
     max_train_sequences: int | None = None  # cap this source's training sequences (balances a mixture)
+    # share of every global batch drawn from this source (all sources or none; None: by size, uniform)
+    weight: float | None = None
 
 
 @dataclass
@@ -88,6 +90,7 @@ class DataConfig:
     max_train_sequences: int | None = None
     heldout_sequences: int = 16
     seed: int = 0
+    tokenize_workers: int = 1  # processes that tokenise a raw source on first use (launch.tokenize: workers)
 
 
 @dataclass
@@ -260,11 +263,30 @@ class GenerateConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+@dataclass
+class TokenizeRunConfig:
+    """`python -m launch.tokenize`: a corpus in, Megatron-format shards out (distill/data/tokenize.py)."""
+
+    source: str = MISSING  # a folder or file of .txt/.md/.rst/.jsonl/.parquet, or a builtin corpus name
+    out: str = MISSING  # the tokenised dataset's folder; a rerun with the same settings resumes it
+    tokenizer: str = MISSING  # a model or tokenizer folder (the student's: its ids are what it trains on)
+    format: str = "auto"
+    text_field: str = "text"
+    heldout_fraction: float = 0.01  # documents held out for evaluation, chosen by a keyed hash of the text
+    split_seed: int = 0
+    shard_bytes: int = 256 * 2**20  # input bytes per shard: the unit of parallelism and of resume
+    workers: int = 1  # processes on this node
+    task: int | None = None  # this task's index (None: $SLURM_ARRAY_TASK_ID, else 0)
+    num_tasks: int | None = None  # tasks sharing the job, e.g. a Slurm array (None: its task count, else 1)
+    verify: bool = False  # instead of tokenising: re-hash every shard against the manifest (parallel)
+
+
 def register_configs() -> None:
     """Register the schema so Hydra type-checks every composed config against it."""
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
     ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
     ConfigStore.instance().store(name="cache_schema", node=CacheRunConfig)
+    ConfigStore.instance().store(name="tokenize_schema", node=TokenizeRunConfig)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -320,6 +342,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1.")
     _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet", "completions"))
     _choice("data.tokens", d.tokens, ("text", "generated"))
+    _at_least("data.tokenize_workers", d.tokenize_workers, 1)
+    weights = [s.weight for s in d.sources]
+    if any(w is not None for w in weights) and (
+        None in weights or any(w < 0 for w in weights) or not sum(weights)
+    ):
+        raise ConfigError(
+            f"data.sources weights {weights}: give every source a weight >= 0 (not all 0), or none of them "
+            f"(then sources mix by size)."
+        )
     _choice("teacher.source", cfg.teacher.source, ("live", "cached", "none"))
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.threads", cfg.teacher.threads, 1)
@@ -360,6 +391,18 @@ def validate_cache(cfg: DictConfig) -> None:
     _at_least("data.seq_len", cfg.data.seq_len, 2)
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.stages", cfg.teacher.stages, 1)
+
+
+def validate_tokenize(cfg: DictConfig) -> None:
+    """Checks for `launch.tokenize`."""
+    _choice("format", cfg.format, ("auto", "text", "jsonl", "parquet"))
+    if not 0 <= cfg.heldout_fraction < 1:
+        raise ConfigError(f"heldout_fraction={cfg.heldout_fraction} must be in [0, 1).")
+    _at_least("shard_bytes", cfg.shard_bytes, 1)
+    _at_least("workers", cfg.workers, 1)
+    _at_least("num_tasks", cfg.num_tasks, 1)
+    if not 0 <= cfg.task < cfg.num_tasks:
+        raise ConfigError(f"task={cfg.task} must be in [0, num_tasks={cfg.num_tasks}).")
 
 
 def to_yaml(cfg: DictConfig) -> str:

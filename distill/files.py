@@ -8,11 +8,14 @@ import json
 import os
 from pathlib import Path
 
-from distill.models import default_cache_dir
-
 # Files that define how text becomes ids. tokenizer_config.json is left out: save_pretrained rewrites it
 # (a student cut from a teacher has a different one) while the ids it produces stay the same.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+
+
+def default_cache_dir() -> Path:
+    """``$DISTILL_CACHE`` or ``~/.cache/distill``: converted models, tokenised corpora, file hashes."""
+    return Path(os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill").expanduser()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from distill.cache.generation import generation_signals, shard
 from distill.cache.manifest import FORMAT, CacheError, row_digests, weights_hash
 from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
 from distill.config import register_configs, validate_cache
-from distill.data import PackedDataset, prepare_datasets
+from distill.data import PackedDataset, TrainWindows, prepare_datasets
 from distill.files import tokenizer_hash
 from distill.models import load_tokenizer, num_hidden_layers, vocab_size
 from distill.stream import TeacherStream
@@ -41,12 +40,13 @@ register_configs()
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def pack_data(cfg: DictConfig, tokenizer) -> dict:
-    """The train / held-out token arrays a training run on this data config packs (one rank, so the
-    held-out split is not trimmed to a multiple of the ranks; data.heldout_sequences caps it)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare_datasets(cfg.data, tokenizer, Path(tmp), num_ranks=1, global_batch=1)
-        return {split: PackedDataset.load(Path(tmp) / f"{split}.npy") for split in ("train", "heldout")}
+def pack_data(cfg: DictConfig, teacher_dir: Path, cache_dir: Path) -> dict:
+    """The training windows (memory-mapped) and held-out windows a training run on this data config
+    reads, prepared into `<cache>/data` (one rank, so the held-out split is not trimmed to a multiple of
+    the ranks; data.heldout_sequences caps it)."""
+    data_dir = cache_dir / "data"
+    prepare_datasets(cfg.data, str(teacher_dir), data_dir, num_ranks=1, global_batch=1)
+    return {"train": TrainWindows(data_dir), "heldout": PackedDataset.load(data_dir / "heldout.npy")}
 
 
 def identity(cfg: DictConfig, teacher_dir: Path, tokenizer, data: dict) -> dict:
@@ -65,7 +65,7 @@ def identity(cfg: DictConfig, teacher_dir: Path, tokenizer, data: dict) -> dict:
         "index_dtype": index_dtype(vocab).name,
         "hidden": {"layers": layers, "dtype": hidden_dtype(cfg.cache.values_dtype)} if layers else None,
         "data": {
-            "train": {"rows": len(data["train"]), "sha256": data["train"].digest()},
+            "train": {"rows": len(data["train"]), "sha256": data["train"].digest},
             "heldout": {"rows": len(data["heldout"]), "row_sha256": row_digests(data["heldout"].tokens)},
         },
         "shard_sequences": cfg.cache.shard_sequences,
@@ -93,7 +93,7 @@ def check_generation(cfg: DictConfig, teacher_dir: Path) -> None:
 
 def convert_generation(writer: CacheWriter, data: dict, signals: dict, plan: list) -> None:
     """Write every missing shard from the generation's stored top-k (no teacher, no Ray)."""
-    m, arrays = writer.manifest, {s: d.tokens for s, d in data.items()}
+    m, arrays = writer.manifest, {"train": data["train"], "heldout": data["heldout"].tokens}
     for split, start, end in plan:
         if (split, start) in writer.written():
             continue
@@ -111,7 +111,7 @@ def write(cfg: DictConfig) -> dict:
     if cfg.cache.from_generation:
         check_generation(cfg, teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
-    data = pack_data(cfg, tokenizer)
+    data = pack_data(cfg, teacher_dir, cache_dir)
     extra = {
         "vocab_size": vocab,
         "teacher_path": str(teacher_dir),
@@ -120,10 +120,10 @@ def write(cfg: DictConfig) -> dict:
     }
     signals = None
     if cfg.cache.from_generation:  # laid out (and every example checked) before the cache folder is made
-        arrays = {s: d.tokens for s, d in data.items()}
+        arrays = {"train": data["train"][:], "heldout": data["heldout"].tokens}  # completions: small
         signals = generation_signals(cfg.data, tokenizer, cfg.stream.topk, arrays, index_dtype(vocab))
     writer = CacheWriter(cache_dir, identity(cfg, teacher_dir, tokenizer, data), extra, teacher_dir)
-    tokens = {s: len(d) * d.seq_len for s, d in data.items()}
+    tokens = {s: len(d) * cfg.data.seq_len for s, d in data.items()}
     plan = shard_plan({s: len(d) for s, d in data.items()}, cfg.cache.shard_sequences)
     written = writer.written()
     done = sum((end - start) * cfg.data.seq_len for split, start, end in plan if (split, start) in written)
@@ -147,7 +147,7 @@ def write(cfg: DictConfig) -> dict:
             fill(
                 writer,
                 stream,
-                {s: d.tokens for s, d in data.items()},
+                {"train": data["train"], "heldout": data["heldout"].tokens},
                 cfg.cache.shard_sequences,
                 cfg.cache.batch_size,
                 progress,

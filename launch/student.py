@@ -36,8 +36,8 @@ from hydra.utils import instantiate
 
 from distill.cache import CachedTeacher
 from distill.config import load_run_config
-from distill.data import PackedDataset, StepSampler, sources
-from distill.data.completions import load_position_mask
+from distill.data import PackedDataset, StepSampler, TrainWindows, sources
+from distill.data.completions import load_position_mask, position_mask
 from distill.eval import evaluate, evaluate_cached, evaluate_student
 from distill.models import load_causal_lm, load_tokenizer
 from distill.stream import StreamStats, TeacherStream
@@ -142,18 +142,18 @@ def main(run_dir: Path) -> None:
         pool = teacher_location(run_dir)
         connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
 
-    train = PackedDataset.load(run_dir / "data" / "train.npy")
+    train = TrainWindows(run_dir / "data")  # memory-mapped shards: each rank reads only its windows
     heldout = PackedDataset.load(run_dir / "data" / "heldout.npy").tokens[rank::world]
     # data.format=completions: only positions predicting a completion token count (None: all of them)
-    train_positions = load_position_mask(run_dir / "data" / "train_mask.npy")
     heldout_positions = load_position_mask(run_dir / "data" / "heldout_mask.npy")
     heldout_positions = None if heldout_positions is None else heldout_positions[rank::world]
 
     def loss_mask(idx: np.ndarray) -> np.ndarray:
         """The positions of training sequences `idx` that count in the loss. Plain text: all of them,
         except the last one with no teacher (cross-entropy needs a next token; KD does not)."""
-        if train_positions is not None:
-            return train_positions[idx]
+        targets = train.target_mask(idx)
+        if targets is not None:
+            return position_mask(targets)
         mask = np.ones((len(idx), train.seq_len), dtype=np.bool_)
         mask[:, -1] = live or cached
         return mask
@@ -166,8 +166,7 @@ def main(run_dir: Path) -> None:
     objective = StudentObjective(model, instantiate(cfg.loss), fused=t.fused_loss, projector=projector)
     engine = build_engine(objective, t, world)
     if cfg.teachers:  # several teachers: each row is scored by its source's teacher (distill/stream/routing)
-        train_source = sources.train_sources(run_dir / "data")
-        stream = open_routed_stream(cfg, pool["run_tag"], lambda mb: train_source[mb[1]])
+        stream = open_routed_stream(cfg, pool["run_tag"], lambda mb: train.source_index(mb[1]))
         domains = sources.domains(run_dir / "data", source_names(cfg), rank, world)
     elif cached:
         stream = CachedTeacher(cfg.cache.path, cfg.stream.topk, hidden_layers=objective.teacher_layers)
@@ -185,7 +184,9 @@ def main(run_dir: Path) -> None:
             first_replica=rank,
         )
     device = engine.device
-    sampler = StepSampler(len(train), t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed)
+    sampler = StepSampler(
+        train.sizes, t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed, train.weights
+    )
 
     ckpt_root = run_dir / "checkpoints"
     start_step = 0
@@ -231,7 +232,7 @@ def main(run_dir: Path) -> None:
         if start_step == 0:
             run_eval(0)
         for i, (batch, teacher_out, lost) in enumerate(
-            until_teacher_lost(stream.stream(micro_batches, lambda mb: train.tokens[mb[1]]))
+            until_teacher_lost(stream.stream(micro_batches, lambda mb: train[mb[1]]))
         ):
             first = i % t.grad_accum_steps == 0
             step_tokens = 0  # counted positions of the whole step (this rank), summed over ranks below
@@ -243,7 +244,7 @@ def main(run_dir: Path) -> None:
             step, idx = batch
             if first:
                 normaliser = step_tokens
-            ids = torch.from_numpy(train.tokens[idx].astype(np.int64)).to(device)
+            ids = torch.from_numpy(train[idx].astype(np.int64)).to(device)
             values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
             if teacher_out is not None:
                 values, indices = (x.to(device) for x in teacher_out.tensors())

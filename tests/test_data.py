@@ -1,8 +1,9 @@
-"""Corpus loading (text / JSONL / Parquet), splitting, packing and per-rank sharding."""
+"""Reading corpora, tokenising into Megatron shards, reading windows back, and the step sampler."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,25 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from distill.data import DataError, StepSampler, load_documents, pack_documents, split_documents
+from distill.data import DataError, StepSampler, load_documents, pack_documents
+from distill.data import shards as shards_module
+from distill.data.indexed import IndexedShard, ShardWriter
+from distill.data.shards import Windows, check_dataset, dataset_windows
+from distill.data.tokenize import TokenizeSpec, in_heldout, plan_pieces, tokenize
+
+
+def pydoc_jsonl(path: Path, copies: int = 1) -> list[str]:
+    """Real prose (Python's documentation topics) as JSONL, `copies` times over; returns the documents."""
+    docs = load_documents("pydoc_topics") * copies
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    return docs
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- reading ----
 
 
 def test_reads_text_jsonl_and_parquet(tmp_path):
@@ -25,10 +44,26 @@ def test_reads_text_jsonl_and_parquet(tmp_path):
     assert load_documents(str(tmp_path), fmt="parquet") == ["p1", "p2"]
 
 
-def test_missing_text_column_names_the_columns(tmp_path):
-    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}))
-    with pytest.raises(DataError, match=r"no column 'text' \(columns: body\); set data.text_field"):
+def test_missing_text_field_names_file_line_and_fields(tmp_path):
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(
+        DataError, match=r"b.jsonl, line 2: no 'text' field \(has: body\); set data.text_field"
+    ):
         load_documents(str(tmp_path / "b.jsonl"))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c.parquet has no column 'text' \(columns: body\)"):
+        load_documents(str(tmp_path / "c.parquet"))
+
+
+def test_malformed_jsonl_and_corrupt_parquet_name_the_file(tmp_path):
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(6)]
+    lines[4] = '{"text": "unterminated'
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 5: not valid JSON"):
+        load_documents(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet at all PAR1")
+    with pytest.raises(DataError, match=r"bad.parquet is not a readable Parquet file"):
+        load_documents(str(tmp_path / "bad.parquet"))
 
 
 def test_builtin_corpus_is_real_prose():
@@ -36,12 +71,13 @@ def test_builtin_corpus_is_real_prose():
     assert len(docs) > 50 and sum(map(len, docs)) > 300_000
 
 
-def test_split_is_deterministic_and_disjoint():
-    docs = [f"document number {i}" for i in range(100)]
-    train, heldout = split_documents(docs, 0.1, seed=0)
-    assert len(heldout) == 10 and not set(train) & set(heldout)
-    assert (train, heldout) == split_documents(list(reversed(docs)), 0.1, seed=0)  # order-independent
-    assert split_documents(docs, 0.1, seed=1)[1] != heldout
+def test_heldout_split_is_a_deterministic_keyed_hash():
+    docs = [f"document number {i}" for i in range(2000)]
+    held = [d for d in docs if in_heldout(d, 0.1, seed=0)]
+    assert 150 < len(held) < 250  # ~10%, decided per document
+    assert held == [d for d in reversed(docs) if in_heldout(d, 0.1, seed=0)][::-1]  # order-independent
+    assert held != [d for d in docs if in_heldout(d, 0.1, seed=1)]
+    assert not any(in_heldout(d, 0.0, seed=0) for d in docs)
 
 
 def test_packing_separates_documents_with_eos(tiny_tokenizer_dir):
@@ -53,21 +89,164 @@ def test_packing_separates_documents_with_eos(tiny_tokenizer_dir):
     assert packed.tokens.shape[1] == 16 and packed.tokens.dtype == np.uint16
 
 
+# ---- tokenising ----
+
+
+def test_plan_cuts_jsonl_by_bytes_and_is_reproducible(tmp_path):
+    pydoc_jsonl(tmp_path / "a.jsonl")
+    size = (tmp_path / "a.jsonl").stat().st_size
+    spec = TokenizeSpec(source=str(tmp_path), tokenizer="", shard_bytes=100_000)
+    pieces = plan_pieces(spec)
+    assert len(pieces) == -(-size // 100_000) and pieces[-1]["end"] == size
+    assert pieces == plan_pieces(spec)
+
+
+def test_tokenised_shards_equal_the_tokenizer_and_do_not_depend_on_workers(tmp_path, tiny_tokenizer_dir):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    docs = pydoc_jsonl(src / "a.jsonl")
+    pq.write_table(pa.table({"text": docs[:20]}), src / "b.parquet", row_group_size=5)
+    (src / "c.txt").write_text(docs[0])
+    spec = TokenizeSpec(str(src), str(tiny_tokenizer_dir), heldout_fraction=0.1, shard_bytes=60_000)
+    one = tokenize(spec, tmp_path / "one", workers=1)
+    two = tokenize(spec, tmp_path / "two", workers=2)
+    assert file_bytes(tmp_path / "one") == file_bytes(tmp_path / "two")  # byte-identical, any worker count
+    assert len(one["shards"]["train"]) > 5 and one == two
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    every = docs + docs[:20] + [docs[0]]  # file order: a.jsonl, b.parquet, c.txt
+    expected = {"train": [], "heldout": []}
+    for doc in every:
+        ids = tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected["heldout" if in_heldout(doc, 0.1, 0) else "train"] += ids
+    for split in ("train", "heldout"):
+        got = np.concatenate(
+            [IndexedShard(tmp_path / "one" / s["name"]).tokens for s in one["shards"][split]]
+        )
+        assert got.tolist() == expected[split]
+        assert one["totals"][split]["tokens"] == len(expected[split])
+    assert 0 < one["totals"]["heldout"]["documents"] < one["totals"]["train"]["documents"]
+    check_dataset(tmp_path / "one", one["tokenizer"]["sha256"])  # complete, sizes match
+
+
+def test_megatron_reads_our_shards_and_we_read_megatrons(tmp_path):
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    docs = [np.arange(n, dtype=np.uint16) + n for n in (3, 7, 1, 12)]
+    ours = ShardWriter(tmp_path / "ours", np.uint16)
+    for d in docs:
+        ours.add(d)
+    ours.finish()
+    theirs = IndexedDataset(str(tmp_path / "ours"))
+    assert len(theirs) == 4 and all((theirs[i] == d).all() for i, d in enumerate(docs))
+    assert list(theirs.document_indices) == [0, 1, 2, 3, 4]
+
+    import torch
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for d in docs:
+        builder.add_item(torch.from_numpy(d.astype(np.int64)))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "theirs.idx"))
+    assert (tmp_path / "theirs.idx").read_bytes() == (tmp_path / "ours.idx").read_bytes()
+    read = IndexedShard(tmp_path / "theirs")
+    assert read.sequences == 4 and read.tokens.tolist() == np.concatenate(docs).tolist()
+
+
+def test_a_changed_corpus_refuses_to_resume_into_the_same_output(tmp_path, tiny_tokenizer_dir):
+    pydoc_jsonl(tmp_path / "a.jsonl")
+    spec = TokenizeSpec(str(tmp_path / "a.jsonl"), str(tiny_tokenizer_dir), shard_bytes=200_000)
+    tokenize(spec, tmp_path / "out")
+    before = file_bytes(tmp_path / "out")
+    with open(tmp_path / "a.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    with pytest.raises(DataError, match="other inputs or settings"):
+        tokenize(spec, tmp_path / "out")
+    assert file_bytes(tmp_path / "out") == before
+
+
+# ---- reading windows ----
+
+
+def test_windows_read_each_shards_tokens_in_order(tmp_path, monkeypatch):
+    streams = [np.arange(100, dtype=np.uint16), np.arange(1000, 1050, dtype=np.uint16)]
+    for i, stream in enumerate(streams):
+        writer = ShardWriter(tmp_path / f"s{i}", np.uint16)
+        writer.add(stream[:30])
+        writer.add(stream[30:])
+        writer.finish()
+    monkeypatch.setattr(shards_module, "MAX_OPEN", 1)
+    windows = Windows([tmp_path / "s0", tmp_path / "s1"], [100, 50], seq_len=16)
+    assert len(windows) == 6 + 3  # each shard's last partial window is left out
+    got = windows.read(np.array([7, 0, 6, 8]))
+    assert got.tolist() == [
+        list(range(1016, 1032)),
+        list(range(16)),
+        list(range(1000, 1016)),
+        list(range(1032, 1048)),
+    ]
+    assert len(windows.shards._open) == 1  # at most MAX_OPEN memory maps open
+    with pytest.raises(IndexError):
+        windows.read(np.array([9]))
+
+
+def test_dataset_windows_cap(tmp_path, tiny_tokenizer_dir):
+    pydoc_jsonl(tmp_path / "a.jsonl")
+    tokenize(TokenizeSpec(str(tmp_path / "a.jsonl"), str(tiny_tokenizer_dir)), tmp_path / "out")
+    full = dataset_windows(tmp_path / "out", "train", 64)
+    capped = dataset_windows(tmp_path / "out", "train", 64, cap=10)
+    assert len(capped) == 10 < len(full)
+    assert (capped.read(np.arange(10)) == full.read(np.arange(10))).all()
+
+
+# ---- sampling ----
+
+
 @pytest.mark.parametrize("world,accum", [(1, 4), (2, 2), (4, 1)])
 def test_sampler_shards_one_global_batch_across_ranks(world, accum):
-    batches = {r: StepSampler(100, 3, accum, world, r, seed=7) for r in range(world)}
-    for step in (0, 5, 8, 40):  # 40 is in a later epoch
+    batches = {r: StepSampler(96, 3, accum, world, r, seed=7) for r in range(world)}
+    for step in (0, 5, 7, 40):  # 40 is in a later epoch
         per_rank = [np.concatenate(batches[r].micro_batches(step)) for r in range(world)]
         everything = np.concatenate(per_rank)
         assert len(everything) == 12 and len(set(everything)) == 12  # disjoint, complete
         # the same global batch whatever the split: invariance of a step to world size and accumulation
-        reference = np.concatenate(StepSampler(100, 3, 4, 1, 0, seed=7).micro_batches(step))
+        reference = np.concatenate(StepSampler(96, 3, 4, 1, 0, seed=7).micro_batches(step))
         assert sorted(everything) == sorted(reference)
     # the position is the step: a new sampler (a resumed job) gives the same batches
-    again = StepSampler(100, 3, accum, world, 0, seed=7)
+    again = StepSampler(96, 3, accum, world, 0, seed=7)
     assert all((a == b).all() for a, b in zip(again.micro_batches(13), batches[0].micro_batches(13)))
 
 
-def test_sampler_needs_one_global_batch():
+def test_one_source_one_epoch_trains_every_sequence_exactly_once():
+    sampler = StepSampler(1000, 5, 2, 4, 0, seed=3)  # global batch 40, 25 steps per epoch
+    ranks = [StepSampler(1000, 5, 2, 4, r, seed=3) for r in range(4)]
+    seen = np.concatenate([np.concatenate(s.micro_batches(step)) for step in range(25) for s in ranks])
+    assert sorted(seen.tolist()) == list(range(1000))
+    second = np.concatenate([sampler.global_batch_indices(step) for step in range(25, 50)])
+    assert sorted(second.tolist()) == list(range(1000))  # the next epoch: again each once ...
+    first = np.concatenate([sampler.global_batch_indices(step) for step in range(25)])
+    assert (first != second).any()  # ... in another order
+
+
+def test_blend_proportions_follow_the_weights_and_small_sources_cycle_epochs():
+    sizes, weights = [5000, 40, 800], [0.5, 0.2, 0.3]
+    sampler = StepSampler(sizes, 8, 2, 2, 0, seed=1, weights=weights)  # global batch 32
+    for steps in (1, 7, 100, 1000):
+        counts = sampler.source_counts(steps)
+        assert counts.sum() == 32 * steps
+        assert np.all(np.abs(counts - np.array(weights) * 32 * steps) < 1)  # within one window, always
+    drawn = np.concatenate([sampler.global_batch_indices(step) for step in range(100)])
+    per_source = np.bincount(np.searchsorted(sampler.offsets, drawn, side="right") - 1, minlength=3)
+    assert per_source.tolist() == sampler.source_counts(100).tolist()
+    small = drawn[(drawn >= 5000) & (drawn < 5040)] - 5000  # 640 draws of a 40-window source: 16 epochs
+    assert np.bincount(small, minlength=40).tolist() == [16] * 40
+
+
+def test_sampler_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         StepSampler(7, 4, 1, 2, 0, seed=0)
+    with pytest.raises(ValueError, match="under one window per global batch"):
+        StepSampler([100, 100], 2, 1, 1, 0, seed=0, weights=[0.9, 0.1])

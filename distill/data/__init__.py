@@ -1,16 +1,17 @@
-"""Data: real text in, fixed-length token sequences out, sharded deterministically per rank."""
+"""Data: text tokenised once into memory-mapped shards, windows of `seq_len` read per rank per step."""
 
-from distill.data.corpus import DataError, load_documents, split_documents
+from distill.data.corpus import DataError, load_documents
 from distill.data.packing import PackedDataset, pack_documents
 from distill.data.prepare import prepare_datasets
 from distill.data.sampler import StepSampler
+from distill.data.shards import TrainWindows
 
 __all__ = [
     "DataError",
     "PackedDataset",
     "StepSampler",
+    "TrainWindows",
     "load_documents",
     "pack_documents",
     "prepare_datasets",
-    "split_documents",
 ]

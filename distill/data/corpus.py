@@ -1,15 +1,16 @@
-"""Load documents from local text, JSONL or Parquet files through pyarrow, or a builtin corpus.
+"""Read documents from text, JSONL and Parquet files (or a builtin corpus) as a stream.
 
-pyarrow reads JSONL and Parquet in streaming batches with typed columns, so a 100 GB corpus is read
-the same way as the demo's few hundred kilobytes; plain text files are one document per file.
+Every reader yields one document at a time from bounded reads: a JSONL byte range line by line, Parquet
+row groups in record batches, a text file whole (one document per file). A bad line or file is a
+`DataError` naming the file, the line and the fix, never a parser's traceback.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 BUILTIN_CORPORA = ("pydoc_topics", "common_licenses")
@@ -44,60 +45,126 @@ def _common_licenses() -> list[str]:
     return list(dict.fromkeys(t for t in texts.values() if t.strip()))
 
 
-def _files(path: Path, fmt: str) -> list[Path]:
+def builtin_documents(name: str) -> list[str]:
+    return _common_licenses() if name == "common_licenses" else _pydoc_topics()
+
+
+def corpus_files(path: Path, fmt: str) -> list[Path]:
+    """The files of `path` (a file, or a folder searched recursively) in a fixed order."""
+    if not path.exists():
+        raise DataError(
+            f"data.source={str(path)!r} does not exist; give a file or folder of .txt/.jsonl/.parquet "
+            f"or a builtin corpus ({', '.join(BUILTIN_CORPORA)})."
+        )
     if path.is_file():
         return [path]
     suffixes = [s for s, f in _SUFFIX_FORMAT.items() if fmt in ("auto", f)]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if not files:
+        raise DataError(f"no .txt/.jsonl/.parquet files under {path} (data.format={fmt}).")
+    return files
 
 
-def _read_file(path: Path, fmt: str, text_field: str) -> list[str]:
-    if fmt == "auto":
-        fmt = _SUFFIX_FORMAT.get(path.suffix)
-        if fmt is None:
-            raise DataError(f"cannot tell the format of {path}; set data.format=text|jsonl|parquet.")
+def file_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.suffix not in _SUFFIX_FORMAT:
+        raise DataError(f"cannot tell the format of {path}; set data.format=text|jsonl|parquet.")
+    return _SUFFIX_FORMAT[path.suffix]
+
+
+def jsonl_documents(path: Path, start: int, end: int, field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        f.seek(max(start - 1, 0))
+        if start > 0:
+            f.readline()  # the line holding byte start-1 belongs to the previous range
+        while f.tell() < end:
+            offset = f.tell()
+            line = f.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(
+                    f"{path}, line {_line_number(path, offset)}: not valid JSON ({e}); fix or drop that line."
+                ) from None
+            if not isinstance(row, dict) or field not in row:
+                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(
+                    f"{path}, line {_line_number(path, offset)}: no {field!r} field (has: {keys}); set "
+                    f"data.text_field to the field that holds the text."
+                )
+            text = row[field]
+            if text is not None and not isinstance(text, str):
+                raise DataError(
+                    f"{path}, line {_line_number(path, offset)}: field {field!r} holds "
+                    f"{type(text).__name__}, not text; set data.text_field to a text field."
+                )
+            if text and text.strip():
+                yield text
+
+
+def _line_number(path: Path, offset: int) -> int:
+    """1-based line number of the line starting at byte `offset` (read only when reporting an error)."""
+    count, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            block = f.read(min(1 << 22, offset - done))
+            count += block.count(b"\n")
+            done += len(block)
+    return count
+
+
+def parquet_documents(path: Path, groups: list[int], field: str) -> Iterator[str]:
+    reader = parquet_file(path)
+    try:
+        if field not in reader.schema_arrow.names:
+            raise DataError(
+                f"{path} has no column {field!r} (columns: {', '.join(reader.schema_arrow.names)}); set "
+                f"data.text_field to the column that holds the text."
+            )
+        for batch in reader.iter_batches(batch_size=1024, row_groups=groups, columns=[field]):
+            column = batch.column(0)
+            if not (column.type.equals("string") or column.type.equals("large_string")):
+                raise DataError(f"{path}: column {field!r} is {column.type}, not text; set data.text_field.")
+            yield from (t for t in column.to_pylist() if t and t.strip())
+    except DataError:
+        raise
+    except Exception as e:  # a damaged file fails while reading, in pyarrow's own exception types
+        raise DataError(f"{path} could not be read as Parquet ({e}); re-export it or remove it.") from None
+
+
+def file_documents(path: Path, fmt: str, text_field: str) -> Iterator[str]:
+    """The non-empty documents of one whole file."""
+    fmt = file_format(path, fmt)
     if fmt == "text":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    table = pa_json.read_json(path) if fmt == "jsonl" else pq.read_table(path, columns=None)
-    if text_field not in table.column_names:
-        raise DataError(
-            f"{path} has no column {text_field!r} (columns: {', '.join(table.column_names)}); "
-            f"set data.text_field to the column that holds the text."
-        )
-    return [t for t in table.column(text_field).to_pylist() if t]
+        text = path.read_text(encoding="utf-8", errors="replace")
+        yield from [text] if text.strip() else []
+    elif fmt == "jsonl":
+        yield from jsonl_documents(path, 0, path.stat().st_size, text_field)
+    else:
+        groups = list(range(parquet_file(path).metadata.num_row_groups))
+        yield from parquet_documents(path, groups, text_field)
+
+
+def parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path} is not a readable Parquet file ({e}); re-export it or remove it.") from None
 
 
 def load_documents(source: str, fmt: str = "auto", text_field: str = "text") -> list[str]:
-    """All non-empty documents of `source`: a builtin corpus name, a file, or a folder of files."""
-    if source == "common_licenses":
-        return _common_licenses()
+    """All non-empty documents of `source` in memory: for small corpora (tests, prompts). Training reads
+    tokenised shards instead (distill/data/tokenize.py)."""
     if source in BUILTIN_CORPORA:
-        return _pydoc_topics()
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"data.source={source!r} does not exist; give a file or folder of .txt/.jsonl/.parquet "
-            f"or a builtin corpus ({', '.join(BUILTIN_CORPORA)})."
-        )
-    files = _files(path, fmt)
-    if not files:
-        raise DataError(f"no .txt/.jsonl/.parquet files under {path} (data.format={fmt}).")
-    docs = [doc for f in files for doc in _read_file(f, fmt, text_field) if doc.strip()]
+        return builtin_documents(source)
+    docs = [
+        d for f in corpus_files(Path(source).expanduser(), fmt) for d in file_documents(f, fmt, text_field)
+    ]
     if not docs:
         raise DataError(f"data.source={source!r} holds no text: every document is empty.")
     return docs
-
-
-def split_documents(docs: list[str], heldout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split by a hash of each document's text, so the split does not depend on file order."""
-
-    def rank(doc: str) -> str:
-        return hashlib.sha256(f"{seed}:{doc}".encode()).hexdigest()
-
-    ordered = sorted(docs, key=rank)
-    n_heldout = max(1, round(len(ordered) * heldout_fraction))
-    if n_heldout >= len(ordered):
-        raise DataError(
-            f"only {len(ordered)} document(s): too few to hold out {heldout_fraction:.0%} for eval."
-        )
-    return ordered[n_heldout:], ordered[:n_heldout]

@@ -1,37 +1,150 @@
-"""Which sequences each rank trains on at each step: a pure function of (seed, step).
+"""Which windows each rank trains on at each step: a pure function of (seed, step), O(global batch) a step.
 
-Because the position is just the global step, the sampler's state checkpoints as one integer and a
-resumed run sees exactly the batches an uninterrupted one would.
+Each source is read as an endless stream of epochs; epoch e of a source with N windows visits them in the
+order of a pseudo-random permutation of [0, N) keyed by (seed, source, e), evaluated one position at a
+time (a Feistel network with cycle walking), so no step ever builds or stores an O(dataset) array.
+
+Several sources are mixed by weight like Megatron's blends, with a closed form instead of a precomputed
+index: with a = (w_1 + ... + w_k) * B for a global batch of B windows, source k's cumulative count after s
+steps is C_k(s) = floor(a_k s) - floor(a_{k-1} s). It is within one window of w_k * B * s at every step
+(realised proportions are exact to 1 / (B s)), its increments sum to B, and it never decreases while
+w_k * B >= 1. Step s takes positions [C_k(s), C_k(s+1)) of source k's stream. The step's B windows are
+then shuffled (a permutation of [0, B) keyed by (seed, step)) and dealt to ranks: rank r takes micro-batch
+slots r, r + ranks, ..., so every split of one global batch over ranks and accumulation trains the same set;
+a rank computes only its own B / ranks indices.
+Because the position is just the step, the sampler's state checkpoints as one integer.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: np.ndarray, key: int) -> np.ndarray:
+    """A 64-bit integer hash (splitmix64 finaliser) of x under `key`, elementwise."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(key & _M64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _key(*parts: int) -> int:
+    """One 64-bit key from several integers (seed, source, epoch, round), in plain Python integers."""
+    k = 0
+    for p in parts:
+        z = (k ^ (p & _M64)) + 0x9E3779B97F4A7C15 & _M64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+        k = z ^ (z >> 31)
+    return k
+
+
+def permute(positions: np.ndarray, n: int, key: int, rounds: int = 6) -> np.ndarray:
+    """The image of `positions` (each in [0, n)) under a keyed pseudo-random permutation of [0, n).
+
+    A balanced Feistel network over the smallest even number of bits covering n is a permutation of
+    [0, 2^bits); applying it again while a value falls outside [0, n) (cycle walking) restricts it to a
+    permutation of [0, n). 2^bits < 4n, so a value needs fewer than 4 applications on average."""
+    x = np.asarray(positions, dtype=np.uint64)
+    if n <= 1:
+        return x.astype(np.int64)
+    half = max(1, math.ceil(math.log2(n) / 2))
+    lo_mask = np.uint64((1 << half) - 1)
+    keys = [_key(key, r) for r in range(rounds)]
+
+    def feistel(v: np.ndarray) -> np.ndarray:
+        left, right = v >> np.uint64(half), v & lo_mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right, k) & lo_mask)
+        return (left << np.uint64(half)) | right
+
+    out = feistel(x)
+    outside = out >= np.uint64(n)
+    while outside.any():
+        out[outside] = feistel(out[outside])
+        outside = out >= np.uint64(n)
+    return out.astype(np.int64)
 
 
 class StepSampler:
+    """Global window indices per (step, rank): `micro_batches(step)` gives this rank's `grad_accum`
+    micro-batches. `sizes`: windows per source (their global indices are laid end to end); `weights`:
+    mixing weights (None: proportional to size, i.e. uniform over all windows)."""
+
     def __init__(
-        self, num_sequences: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int
+        self,
+        sizes: int | list[int],
+        micro_batch: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        weights: list[float] | None = None,
     ):
+        self.sizes = [sizes] if isinstance(sizes, int) else list(sizes)
         self.global_batch = micro_batch * grad_accum * world_size
-        if num_sequences < self.global_batch:
+        total = sum(self.sizes)
+        if total < self.global_batch:
             raise ValueError(
-                f"{num_sequences} training sequences are fewer than one global batch "
+                f"{total} training sequences are fewer than one global batch "
                 f"(micro_batch_size {micro_batch} x grad_accum_steps {grad_accum} x ranks {world_size} = "
                 f"{self.global_batch}); add data or shrink the batch."
             )
-        self.num_sequences, self.micro_batch, self.grad_accum = num_sequences, micro_batch, grad_accum
+        weights = list(weights) if weights is not None else [s / total for s in self.sizes]
+        if len(weights) != len(self.sizes) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"data source weights {weights} must be one non-negative number per source.")
+        self.weights = [w / sum(weights) for w in weights]
+        for size, w in zip(self.sizes, self.weights):
+            if w > 0 and size == 0:
+                raise ValueError("a data source with weight > 0 has no training windows.")
+            if 0 < w * self.global_batch < 1:
+                raise ValueError(
+                    f"a data source weight of {w:.3g} gives it under one window per global batch of "
+                    f"{self.global_batch}; raise its weight to >= {1 / self.global_batch:.3g} or the batch."
+                )
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.steps_per_epoch = num_sequences // self.global_batch
+        # cumulative a_k = (w_1 + ... + w_k) * B; the last is exactly B so the counts always sum to B
+        cum = np.cumsum(self.weights) * self.global_batch
+        cum[-1] = self.global_batch
+        self._cum = [0.0, *cum.tolist()]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+    def source_counts(self, step: int) -> np.ndarray:
+        """C_k(step): windows each source has given in steps [0, step)."""
+        last = len(self._cum) - 1
+        d = [self.global_batch * step if i == last else math.floor(a * step) for i, a in enumerate(self._cum)]
+        return np.diff(np.asarray(d, dtype=np.int64))
+
+    def global_batch_indices(self, step: int, slots: np.ndarray | None = None) -> np.ndarray:
+        """Global window indices at micro-batch positions `slots` of step `step` (all B when None), in O(len
+        (slots)): position j of the step is dealt, by a permutation of [0, B) keyed by (seed, step), the j'-th
+        window of the step's by-source list, i.e. one of source k's stream positions [C_k(s), C_k(s+1))."""
+        start, end = self.source_counts(step), self.source_counts(step + 1)
+        before = np.concatenate([[0], np.cumsum(end - start)])
+        slots = np.arange(self.global_batch) if slots is None else np.asarray(slots, dtype=np.int64)
+        dealt = permute(slots, self.global_batch, _key(self.seed, step, 0x5EED))
+        source = np.searchsorted(before, dealt, side="right") - 1
+        out = np.empty(len(slots), dtype=np.int64)
+        for k in np.unique(source):
+            sel = source == k
+            position = start[k] + dealt[sel] - before[k]  # in source k's endless stream
+            n = self.sizes[k]
+            epoch, within = position // n, position % n
+            local = np.empty_like(position)
+            for e in np.unique(epoch):
+                in_epoch = epoch == e
+                local[in_epoch] = permute(within[in_epoch], n, _key(self.seed, int(k), int(e)))
+            out[sel] = local + self.offsets[k]
+        return out
 
     def micro_batches(self, step: int) -> list[np.ndarray]:
-        """Sequence indices of this rank's `grad_accum` micro-batches for optimizer step `step` (0-based)."""
-        epoch, offset = divmod(step, self.steps_per_epoch)
-        start = offset * self.global_batch
-        chunk = self._permutation(epoch)[start : start + self.global_batch]
-        # rank r takes micro-batch slots r, r + world, ... so every split of one global batch is the same set
-        slots = chunk.reshape(self.grad_accum * self.world_size, self.micro_batch)
-        return [slots[i * self.world_size + self.rank] for i in range(self.grad_accum)]
+        """Global indices of this rank's `grad_accum` micro-batches for optimizer step `step` (0-based)."""
+        mine = [i * self.world_size + self.rank for i in range(self.grad_accum)]  # micro-batch slots
+        positions = (np.asarray(mine)[:, None] * self.micro_batch + np.arange(self.micro_batch)).ravel()
+        return list(self.global_batch_indices(step, positions).reshape(self.grad_accum, self.micro_batch))

@@ -1,0 +1,414 @@
+"""Tokenise a corpus once into memory-mapped shards: a folder of text / JSONL / Parquet files of any size
+in, Megatron `.bin`/`.idx` shards out, in parallel and resumable.
+
+The work is cut into *pieces* before anything is read: a JSONL file into byte ranges (a line belongs to the
+range holding its first byte), a Parquet file into runs of row groups, small text files into groups (one
+document per file), each about `shard_bytes` of input. Piece i becomes the shard pair `train/part-<i>` and
+`heldout/part-<i>`, whose content depends only on that piece and the tokenizer: the plan is a pure function
+of the input files' names and sizes, so any number of worker processes, nodes (Slurm array tasks: piece i
+goes to task i mod num_tasks) or restarts produce byte-identical shards. A piece is done when its record
+`done/part-<i>.json` (token and document counts, sha256 of its four files) exists; a rerun skips done
+pieces and redoes any other from the start. When every piece is done `manifest.json` is written.
+
+A document goes to the held-out split when a keyed hash of its text falls below `heldout_fraction`: the
+split needs no global view of the corpus and does not depend on file order or piece boundaries. Each
+document is stored with EOS appended (Megatron's `--append-eod`). Memory per worker: one batch of
+documents and one int32 per document of the current piece.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.data.corpus import (
+    BUILTIN_CORPORA,
+    DataError,
+    builtin_documents,
+    corpus_files,
+    file_format,
+    jsonl_documents,
+    parquet_documents,
+    parquet_file,
+)
+from distill.data.indexed import ShardWriter, token_dtype
+from distill.files import sha256_file, tokenizer_hash, write_json_atomic
+
+log = logging.getLogger("distill")
+FORMAT = "distill-tokens/1"  # Megatron indexed shards + this manifest
+SPLITS = ("train", "heldout")
+BATCH_DOCS = 256  # documents per tokenizer call (the batch encode's sweet spot on this machine)
+BATCH_BYTES = 4 << 20  # ... or fewer, once this much text is gathered
+
+
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """What a tokenised dataset is made from; every field is recorded in its plan and manifest."""
+
+    source: str  # a folder or file of .txt/.md/.rst/.jsonl/.parquet, or a builtin corpus name
+    tokenizer: str  # a Hugging Face model or tokenizer folder
+    format: str = "auto"
+    text_field: str = "text"
+    heldout_fraction: float = 0.0
+    split_seed: int = 0
+    shard_bytes: int = 256 << 20  # input bytes per piece (= per shard pair)
+
+
+# ---- the plan: pieces of input, decided from names and sizes alone ----
+
+
+def plan_pieces(spec: TokenizeSpec) -> list[dict]:
+    """Pieces of input in a fixed order: {"kind", "files" or "file" + range}. Reads no document."""
+    if spec.source in BUILTIN_CORPORA:
+        return [{"kind": "builtin", "name": spec.source}]
+    root = Path(spec.source).expanduser().resolve()
+    pieces: list[dict] = []
+    texts: list[str] = []
+    text_bytes = 0
+    for path in corpus_files(root, spec.format):
+        fmt = file_format(path, spec.format)
+        rel = str(path.relative_to(root)) if root.is_dir() else path.name
+        size = path.stat().st_size
+        if fmt == "text":  # one document per file: group small files
+            texts.append(rel)
+            text_bytes += size
+            if text_bytes >= spec.shard_bytes:
+                pieces.append({"kind": "text", "files": texts})
+                texts, text_bytes = [], 0
+        elif fmt == "jsonl":
+            for start in range(0, max(size, 1), spec.shard_bytes):
+                pieces.append(
+                    {"kind": "jsonl", "file": rel, "start": start, "end": min(start + spec.shard_bytes, size)}
+                )
+        else:
+            pieces += _parquet_pieces(path, rel, spec.shard_bytes)
+    if texts:
+        pieces.append({"kind": "text", "files": texts})
+    return pieces
+
+
+def _parquet_pieces(path: Path, rel: str, shard_bytes: int) -> list[dict]:
+    meta = parquet_file(path).metadata
+    pieces, groups, size = [], [], 0
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        size += meta.row_group(g).total_byte_size
+        if size >= shard_bytes:
+            pieces.append({"kind": "parquet", "file": rel, "row_groups": groups})
+            groups, size = [], 0
+    if groups or not pieces:
+        pieces.append({"kind": "parquet", "file": rel, "row_groups": groups})
+    return pieces
+
+
+def input_bytes(spec: TokenizeSpec, piece: dict) -> int:
+    """The input bytes a piece covers (progress and ETA count these before any token exists)."""
+    root = Path(spec.source).expanduser()
+    if piece["kind"] == "builtin":
+        return 1
+    if piece["kind"] == "jsonl":
+        return piece["end"] - piece["start"]
+    files = piece.get("files") or [piece["file"]]
+    return sum(_resolve(root, f).stat().st_size for f in files)
+
+
+def _resolve(root: Path, rel: str) -> Path:
+    return root / rel if root.is_dir() else root
+
+
+# ---- reading one piece: documents as a stream ----
+
+
+def piece_documents(spec: TokenizeSpec, piece: dict) -> Iterator[str]:
+    """The non-empty documents of one piece, in file order, read in bounded batches."""
+    root = Path(spec.source).expanduser().resolve()
+    kind = piece["kind"]
+    if kind == "builtin":
+        yield from (d for d in builtin_documents(piece["name"]) if d.strip())
+    elif kind == "text":
+        for rel in piece["files"]:
+            text = _resolve(root, rel).read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield text
+    elif kind == "jsonl":
+        yield from jsonl_documents(
+            _resolve(root, piece["file"]), piece["start"], piece["end"], spec.text_field
+        )
+    else:
+        yield from parquet_documents(_resolve(root, piece["file"]), piece["row_groups"], spec.text_field)
+
+
+# ---- one piece -> one shard pair ----
+
+
+def in_heldout(text: str, fraction: float, seed: int) -> bool:
+    """A keyed hash of the text decides: the same document is held out in every run and every piece."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if len(batch) >= BATCH_DOCS or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def piece_name(i: int) -> str:
+    return f"part-{i:05d}"
+
+
+class BatchEncoder:
+    """Text -> ids exactly as the student's Hugging Face tokenizer does with add_special_tokens=False,
+    through the `tokenizers` library alone when the folder has a tokenizer.json (what a fast tokenizer
+    runs underneath: no transformers or torch import, so a worker starts in a fraction of a second and
+    stays small), else through transformers."""
+
+    def __init__(self, folder: str):
+        path = Path(folder).expanduser() / "tokenizer.json"
+        if path.is_file():
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_file(str(path))
+        else:
+            from distill.models import load_tokenizer
+
+            self._fast, self._slow = None, load_tokenizer(folder)
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+        return self._slow(texts, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_piece(
+    spec: TokenizeSpec, out: Path, index: int, piece: dict, encode, identity: dict, progress=None
+) -> dict:
+    """Write piece `index`'s train and held-out shards and its done record; returns the record.
+    `identity`: the plan's tokenizer record (EOS id, id dtype)."""
+    eos, dtype = identity["eos_token_id"], identity["dtype"]
+    name = piece_name(index)
+    writers = {split: ShardWriter(out / split / name, dtype) for split in SPLITS}
+    try:
+        for batch in _batches(piece_documents(spec, piece)):
+            encoded = encode(batch)
+            for text, ids in zip(batch, encoded):
+                split = "heldout" if in_heldout(text, spec.heldout_fraction, spec.split_seed) else "train"
+                writers[split].add(ids + [eos])
+            if progress is not None:
+                progress.put(sum(len(ids) + 1 for ids in encoded))
+        for writer in writers.values():
+            writer.finish()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    record = {"piece": index, "name": name}
+    for split, writer in writers.items():
+        prefix = out / split / name
+        record[split] = {
+            "tokens": writer.tokens,
+            "documents": len(writer.lengths),
+            "bin_sha256": sha256_file(prefix.with_suffix(".bin")),
+            "idx_sha256": sha256_file(prefix.with_suffix(".idx")),
+        }
+    write_json_atomic(out / "done" / f"{name}.json", record)
+    return record
+
+
+# ---- the whole job: plan, workers, progress, manifest ----
+
+
+def _eos_and_vocab(folder: Path) -> tuple[int | None, int]:
+    """The EOS id and vocabulary size (added tokens included) of a tokenizer folder: read from
+    tokenizer.json + tokenizer_config.json when both say it, else from transformers (slow to import)."""
+    config = folder / "tokenizer_config.json"
+    eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if (folder / "tokenizer.json").is_file() and isinstance(eos, str):
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if fast.token_to_id(eos) is not None:
+            return fast.token_to_id(eos), fast.get_vocab_size(with_added_tokens=True)
+    from distill.models import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    return tokenizer.eos_token_id, len(tokenizer)
+
+
+def tokenizer_identity(folder: str) -> dict:
+    """What the shards' ids mean: the tokenizer's content hash, EOS id, vocabulary and id dtype."""
+    path = Path(folder).expanduser()
+    eos, vocab = _eos_and_vocab(path)
+    if eos is None:
+        raise DataError(f"the tokenizer in {path} has no eos_token; set one so documents can be separated.")
+    return {
+        "sha256": tokenizer_hash(path, eos),
+        "vocab_size": vocab,
+        "eos_token_id": eos,
+        "dtype": token_dtype(vocab).name,
+    }
+
+
+def write_plan(spec: TokenizeSpec, out: Path) -> dict:
+    """The job's plan (`plan.json`), written once; a rerun must find the same inputs and settings."""
+    plan = {
+        "format": FORMAT,
+        "spec": {k: v for k, v in spec.__dict__.items() if k != "tokenizer"},
+        "tokenizer": tokenizer_identity(spec.tokenizer),  # its content: the folder may move
+        "pieces": plan_pieces(spec),
+    }
+    path = out / "plan.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        for key in ("format", "spec", "tokenizer", "pieces"):
+            if existing.get(key) != plan[key]:
+                raise DataError(
+                    f"{out} holds a tokenisation of other inputs or settings ({key} differs: the inputs' "
+                    f"names or sizes, the tokenizer, heldout_fraction, split_seed, shard_bytes or the text "
+                    f"field changed since it started); rerun with the original settings or pick a new output "
+                    f"folder."
+                )
+        return existing
+    if not plan["pieces"]:
+        raise DataError(f"{spec.source}: nothing to tokenise (no .txt/.jsonl/.parquet files).")
+    for sub in (*SPLITS, "done"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, plan)
+    return plan
+
+
+def done_records(out: Path) -> dict[int, dict]:
+    folder = out / "done"
+    records = (
+        [json.loads(p.read_text()) for p in sorted(folder.glob("part-*.json"))] if folder.is_dir() else []
+    )
+    return {r["piece"]: r for r in records}
+
+
+_worker_encoder = None
+
+
+def _init_worker(folder: str) -> None:
+    global _worker_encoder
+    _worker_encoder = BatchEncoder(folder)
+
+
+def _run_piece(args) -> int:
+    spec, out, index, piece, identity, queue = args
+    tokenize_piece(spec, out, index, piece, _worker_encoder, identity, queue)
+    return index
+
+
+class _Progress:
+    """Tokens done, tokens/s and ETA (ETA from the input bytes still to read) on the console."""
+
+    def __init__(self, total_bytes: int, every_s: float = 5.0):
+        self.total_bytes, self.every_s = total_bytes, every_s
+        self.tokens, self.bytes_done, self.start, self.last = 0, 0, time.perf_counter(), 0.0
+
+    def add(self, tokens: int = 0, piece_bytes: int = 0, force: bool = False) -> None:
+        self.tokens += tokens
+        self.bytes_done += piece_bytes
+        now = time.perf_counter()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.tokens / max(now - self.start, 1e-9)
+        left = (self.total_bytes - self.bytes_done) / max(self.bytes_done, 1) * (now - self.start)
+        eta = f"{left:.0f}s" if self.bytes_done else "?"
+        log.info(
+            "tokenised %d tokens | %.0f tok/s | input %.1f%% | eta %s",
+            self.tokens,
+            rate,
+            100 * self.bytes_done / max(self.total_bytes, 1),
+            eta,
+        )
+
+
+def tokenize(
+    spec: TokenizeSpec, out: Path, workers: int = 1, task: int = 0, num_tasks: int = 1
+) -> dict | None:
+    """Tokenise this task's pending pieces with `workers` processes; write the manifest once every piece
+    is done (by whichever task finishes last). Returns the manifest, or None while other tasks still run."""
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plan = write_plan(spec, out)
+    pieces = plan["pieces"]
+    done = done_records(out)
+    mine = [i for i in range(len(pieces)) if i % num_tasks == task and i not in done]
+    if done:
+        log.info("%s: %d of %d pieces already done; tokenising %d", out, len(done), len(pieces), len(mine))
+    progress = _Progress(sum(input_bytes(spec, pieces[i]) for i in mine))
+    if mine and workers <= 1:
+        encode = BatchEncoder(spec.tokenizer)
+
+        class _Direct:
+            def put(self, n: int) -> None:
+                progress.add(tokens=n)
+
+        for i in mine:
+            tokenize_piece(spec, out, i, pieces[i], encode, plan["tokenizer"], _Direct())
+            progress.add(piece_bytes=input_bytes(spec, pieces[i]))
+    elif mine:
+        ctx = mp.get_context("spawn")  # fork after a fast tokenizer was used can deadlock
+        with ctx.Manager() as manager:
+            queue = manager.Queue()
+            with ctx.Pool(min(workers, len(mine)), _init_worker, (spec.tokenizer,)) as pool:
+                results = pool.imap_unordered(
+                    _run_piece, [(spec, out, i, pieces[i], plan["tokenizer"], queue) for i in mine]
+                )
+                remaining = len(mine)
+                while remaining:
+                    try:
+                        i = results.next(timeout=1.0)
+                        remaining -= 1
+                        progress.add(piece_bytes=input_bytes(spec, pieces[i]))
+                    except mp.TimeoutError:
+                        pass
+                    while not queue.empty():
+                        progress.add(tokens=queue.get())
+    progress.add(force=True)
+    done = done_records(out)
+    if len(done) < len(pieces):
+        log.info("%d of %d pieces done; the last task to finish writes the manifest", len(done), len(pieces))
+        return None
+    return write_manifest(out, plan, done)
+
+
+def write_manifest(out: Path, plan: dict, done: dict[int, dict]) -> dict:
+    """manifest.json: the plan's identity plus every shard's counts and checksums, in piece order.
+    Deterministic: a resumed job writes the same bytes as an uninterrupted one."""
+    shards = {
+        split: [{"name": f"{split}/{done[i]['name']}", **done[i][split]} for i in sorted(done)]
+        for split in SPLITS
+    }
+    manifest = {
+        "format": FORMAT,
+        "spec": plan["spec"],
+        "tokenizer": plan["tokenizer"],
+        "totals": {
+            split: {
+                "tokens": sum(s["tokens"] for s in shards[split]),
+                "documents": sum(s["documents"] for s in shards[split]),
+            }
+            for split in SPLITS
+        },
+        "shards": shards,
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
