@@ -18,6 +18,17 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
 
 
+# What `trainer.allow_changes` may list: changes a resumed run can make safely when asked for explicitly
+# (a longer schedule; another split of the same global batch). Every other change to what is trained is
+# refused on resume (distill/rundir.py).
+RESUME_CHANGES = (
+    "trainer.max_steps",
+    "trainer.num_ranks",
+    "trainer.micro_batch_size",
+    "trainer.grad_accum_steps",
+)
+
+
 @dataclass
 class TeacherConfig:
     # live: Ray teacher actors run during training | cached: read a teacher-signal cache written once by
@@ -121,6 +132,8 @@ class TrainerConfig:
     seed: int = 0
     dist_backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
     record_samples: bool = False  # audit trail: samples/rank<r>.jsonl, the sample ids of every micro-batch
+    # keys a resumed run may change from its recorded config (RESUME_CHANGES; see distill/rundir.py, README)
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -310,6 +323,8 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.optimizer", t.optimizer, ("adamw", "sgd"))
     _choice("trainer.resume", str(t.resume), ("off", "latest", "auto"))
     _choice("trainer.dist_backend", t.dist_backend, ("auto", "gloo", "nccl"))
+    for key in t.allow_changes:
+        _choice("trainer.allow_changes entry", key, RESUME_CHANGES)
     for key in (
         "num_ranks",
         "max_steps",
@@ -410,10 +425,11 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def load_run_config(run_dir) -> DictConfig:
-    """The resolved config a run directory was started with, re-checked against the schema."""
-    from pathlib import Path
+    """The resolved config of a run directory's latest start (`config.yaml`, or the newest
+    `config-history/start-<n>.yaml` a resume with changed settings wrote), re-checked against the schema."""
+    from distill.rundir import effective_config_path
 
-    saved = OmegaConf.load(Path(run_dir) / "config.yaml")
+    saved = OmegaConf.load(effective_config_path(run_dir))
     cfg = OmegaConf.merge(OmegaConf.structured(DistillConfig), saved)
     validate(cfg)
     return cfg

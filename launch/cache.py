@@ -24,14 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from distill.cache.generation import generation_signals, shard
 from distill.cache.manifest import FORMAT, CacheError, row_digests, weights_hash
 from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
-from distill.config import register_configs, validate_cache
+from distill.config import ConfigError, register_configs, validate_cache
 from distill.data import PackedDataset, TrainWindows, prepare_datasets
 from distill.files import tokenizer_hash
-from distill.models import load_tokenizer, num_hidden_layers, vocab_size
+from distill.models import check_model_folder, load_tokenizer, num_hidden_layers, vocab_size
 from distill.stream import TeacherStream
 from distill.teacher import connect_ray
 from distill.teacher.actor import index_dtype
 from distill.tracking import TokenProgress
+from launch.errors import reported_errors
 from launch.generate import file_sha256
 from launch.train import build, start_pool
 
@@ -106,8 +107,9 @@ def write(cfg: DictConfig) -> dict:
     validate_cache(cfg)
     cache_dir = Path(cfg.cache.path).expanduser().resolve()
     teacher_dir = Path(build(cfg.teacher.model))
+    check_model_folder(teacher_dir)  # whole weight files that fit config.json, a tokenizer that loads
     if cfg.stream.topk > (vocab := vocab_size(teacher_dir)):
-        raise ValueError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({vocab}).")
+        raise ConfigError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({vocab}).")
     if cfg.cache.from_generation:
         check_generation(cfg, teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
@@ -160,6 +162,7 @@ def write(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="cache", version_base="1.3")
+@reported_errors()  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     return write(cfg)

@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.config import ConfigError, validate
+from distill.rundir import check_start, record_start
 from distill.stream.routing import members, used_teachers
 from distill.student import checkpoint
 from launch.preemption import Preempted
@@ -73,9 +74,10 @@ def run_curriculum(cfg: DictConfig, run_dir: Path) -> dict:
         )
     phases = [phase_config(cfg, i) for i in range(len(cfg.curriculum))]  # every phase checked up front
     resume = str(cfg.trainer.resume)
+    # one curriculum per run dir: resume=off over an earlier one is refused, a rerun must keep its settings
+    record_start(check_start(cfg, run_dir, None), cfg)
     state_path = run_dir / "curriculum.json"
     state = json.loads(state_path.read_text()) if resume != "off" and state_path.is_file() else {"phases": []}
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     summaries = []
     for i, (phase, pcfg) in enumerate(zip(cfg.curriculum, phases, strict=True)):

@@ -36,10 +36,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.config import ConfigError, register_configs
 from distill.data.completions import prompt_ids
-from distill.models import load_tokenizer
+from distill.models import check_model_folder, load_tokenizer
 from distill.teacher import connect_ray
 from distill.teacher.generate import sample_seed
 from distill.tracking import _fmt_duration
+from launch.errors import reported_errors
 from launch.train import PROJECT_ROOT, build, start_pool
 
 log = logging.getLogger("distill")
@@ -166,6 +167,7 @@ def generate(cfg: DictConfig) -> dict:
     prompts_path, out = Path(cfg.prompts).expanduser().resolve(), Path(cfg.out).expanduser().resolve()
     prompts = read_prompts(prompts_path)
     teacher_dir = Path(build(cfg.teacher.model))
+    check_model_folder(teacher_dir)  # whole weight files that fit config.json, a tokenizer that loads
     tokenizer = load_tokenizer(teacher_dir)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     limit = json.loads((teacher_dir / "config.json").read_text()).get("max_position_embeddings")
@@ -265,6 +267,7 @@ def generate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="generate", version_base="1.3")
+@reported_errors()  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     return generate(cfg)

@@ -26,19 +26,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill.cache import check_run, read_manifest, row_digests, tokenizer_hash
 from distill.config import ConfigError, register_configs, validate
 from distill.data import PackedDataset, prepare_datasets
 from distill.data.sources import prepare_sources
-from distill.models import load_tokenizer, num_hidden_layers, vocab_size
+from distill.models import (
+    check_model_folder,
+    check_same_tokenizer,
+    load_tokenizer,
+    num_hidden_layers,
+    vocab_size,
+)
+from distill.rundir import check_start, record_start
 from distill.stream.routing import teacher_configs
 from distill.student import checkpoint
 from distill.student.objective import resolve_layer_map
 from distill.teacher import TeacherPool, connect_ray
 from distill.teacher.pool import TeacherPools
 from launch.curriculum import run_curriculum
+from launch.errors import fail, reported_errors, show_traceback
 from launch.preemption import PREEMPTION, Preempted, checkpointed_step
 from launch.student import PREEMPTED_EXIT, TEACHER_LOST_EXIT
 
@@ -52,10 +60,13 @@ class RankFailure(RuntimeError):
 
 
 def build(node):
-    """`hydra.utils.instantiate`, surfacing our own error (which names the fix) instead of Hydra's wrapper."""
+    """`hydra.utils.instantiate`, surfacing our own error (which names the fix) instead of Hydra's wrapper;
+    a plain ValueError (a builder rejecting an argument) becomes a ConfigError naming the config node."""
     try:
         return instantiate(node)
     except InstantiationException as e:
+        if type(e.__cause__) is ValueError:
+            raise ConfigError(f"{node._get_full_key(None)}: {e.__cause__}") from None
         if isinstance(e.__cause__, ValueError | OSError):
             raise e.__cause__ from None
         raise
@@ -88,11 +99,14 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
         )
     build(cfg.loss)  # the loss validates its own arguments
     resume_from = resolve_resume(str(cfg.trainer.resume), run_dir / "checkpoints")
+    start = check_start(cfg, run_dir, resume_from)  # a run dir holds one run: refuse mixing, write nothing
     student_dir = str(build(cfg.student.model))
+    check_model_folder(student_dir)  # weight files whole, weights fit config.json, tokenizer loads
     named = teacher_configs(cfg) if cfg.teachers else {"teacher": cfg.teacher}  # several: `teachers.<name>`
     named = {} if no_teacher else named
     teacher_dirs = {name: check_teacher(name, tc, student_dir, cfg.stream.topk) for name, tc in named.items()}
     teacher_dir = next(iter(teacher_dirs.values()), None)
+    check_generated_tokenizer(cfg, student_dir)
     if cfg.features.layer_map is not None:
         resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir)  # every index within both depths
     t = cfg.trainer
@@ -105,8 +119,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     )
     if cfg.teacher.source == "cached":
         check_cache(cfg, run_dir / "data", student_dir, teacher_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    record_start(start, cfg)  # config.yaml on the first start; later: config-history/, resumes.jsonl
     models = {"teacher": teacher_dir, "student": student_dir}
     if cfg.teachers:
         models["teachers"] = teacher_dirs
@@ -117,7 +130,9 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def check_teacher(name: str, tc: DictConfig, student_dir: str, topk: int) -> str:
-    """The teacher's folder, once its vocabulary and depth fit the student and the stream."""
+    """The teacher's folder, once its vocabulary, depth, weight files and tokenizer fit the student and the
+    stream: the tokenizers must be the same in content (vocabulary, merges, added and special tokens,
+    normalisation), not only in size. A `teacher=cached` folder holds config + tokenizer, no weights."""
     key = "teacher" if name == "teacher" else f"teachers.{name}"
     teacher_dir = str(build(tc.model))
     teacher_vocab, student_vocab = vocab_size(teacher_dir), vocab_size(student_dir)
@@ -130,7 +145,29 @@ def check_teacher(name: str, tc: DictConfig, student_dir: str, topk: int) -> str
         raise ConfigError(f"stream.topk={topk} exceeds the {key} vocabulary ({teacher_vocab}).")
     if tc.stages > (layers := num_hidden_layers(teacher_dir)):
         raise ConfigError(f"{key}.stages={tc.stages} exceeds the teacher's {layers} layers.")
+    if tc.source != "cached":
+        check_model_folder(teacher_dir)
+    check_same_tokenizer(teacher_dir, student_dir, (key, "student"))
     return teacher_dir
+
+
+def check_generated_tokenizer(cfg: DictConfig, student_dir: str) -> None:
+    """data.tokens=generated trains on the ids `launch.generate` sampled, which mean tokens only to the
+    generator's tokenizer: the student's must be the same (generation.json names the generator's folder)."""
+    if cfg.data.format != "completions" or cfg.data.tokens != "generated":
+        return
+    meta = Path(cfg.data.source).expanduser() / "generation.json"
+    if not meta.is_file():  # ids from elsewhere: the data layer checks the prompts' encoding
+        return
+    generator = json.loads(meta.read_text()).get("teacher")
+    if not generator or not (Path(generator) / "config.json").is_file():
+        raise ConfigError(
+            f"data.tokens=generated: {meta} names the generator {generator}, which is gone, so the tokenizer "
+            f"its ids belong to cannot be compared with the student's; restore that folder, or set "
+            f"data.tokens=text to re-tokenise the completions with the student's tokenizer."
+        )
+    fix = "Fix: use a student with the generator's tokenizer, or data.tokens=text (re-tokenises the text)."
+    check_same_tokenizer(generator, student_dir, ("generator", "student"), fix=fix)
 
 
 def check_cache(cfg: DictConfig, data_dir: Path, student_dir: str, teacher_dir: str) -> None:
@@ -358,6 +395,7 @@ def name_sweep_point(cfg: DictConfig) -> None:
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
+@reported_errors()  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     run_dir = Path(cfg.run_dir or HydraConfig.get().runtime.output_dir)
@@ -378,6 +416,10 @@ def main(cfg: DictConfig) -> dict:
     except Preempted as e:  # teachers are shut down; exit like the ranks so a batch script can requeue
         print(e, flush=True)
         sys.exit(PREEMPTED_EXIT)
+    except RankFailure as e:  # the ranks printed their own errors; this says what happened and what next
+        if show_traceback():
+            raise
+        fail(e, 1)
     print_summary(summary)
     return summary
 
