@@ -504,7 +504,7 @@ def check_weight_files(folder: str | Path) -> dict[str, dict[str, dict]]:
         if missing:
             more = f" (and {len(missing) - 1} more shard(s))" if len(missing) > 1 else ""
             raise ModelConfigError(
-                f"{index_path} assigns tensors to {missing[0]}{more}, which is missing from {folder}: the "
+                f"{folder / missing[0]}{more} is missing: {index_path.name} assigns tensors to it, so the "
                 "copy or download is incomplete; fix: copy the missing shard(s) from the original model."
             )
     headers = {}
@@ -717,11 +717,17 @@ def tokenizer_difference(a: dict, b: dict, names: tuple[str, str] = ("teacher", 
 
 
 def check_same_tokenizer(
-    folder_a: str | Path, folder_b: str | Path, names: tuple[str, str] = ("teacher", "student"), fix: str = ""
+    folder_a: str | Path,
+    folder_b: str | Path,
+    names: tuple[str, str] = ("teacher", "student"),
+    fix: str = "",
+    error: type[ValueError] = TokenizerMismatch,
+    lead: str = "",
 ) -> None:
     """Refuse two folders whose tokenizers differ in content (vocabulary, merges, added and special
-    tokens, normalisation, ...; plain size equality is not enough): raises TokenizerMismatch naming both
-    folders and the first difference. Reads only tokenizer files, so it runs before any model loads."""
+    tokens, normalisation, ...; plain size equality is not enough): raises `error` (TokenizerMismatch), its
+    message `lead` + both folders, the first difference, and `fix`. Reads only tokenizer files, so it runs
+    before any model loads."""
     difference = tokenizer_difference(tokenizer_content(folder_a), tokenizer_content(folder_b), names)
     if difference is None:
         return
@@ -729,10 +735,11 @@ def check_same_tokenizer(
         f"Fix: use a {names[1]} that shares the {names[0]}'s tokenizer, e.g. one cut from the teacher "
         "(student=smollm2_pruned, or distill.models.student_from_teacher)."
     )
-    raise TokenizerMismatch(
-        f"the {names[0]}'s tokenizer ({folder_a}) differs from the {names[1]}'s ({folder_b}): {difference}. "
-        "Distillation on token ids needs one shared tokenizer (same vocabulary, merges, added and special "
-        f"tokens, normalisation); distillation across different tokenizers is not supported yet. {fix}"
+    raise error(
+        f"{lead}the {names[0]}'s tokenizer ({folder_a}) differs from the {names[1]}'s ({folder_b}): "
+        f"{difference}. Distillation on token ids needs one shared tokenizer (same vocabulary, merges, added "
+        f"and special tokens, normalisation); distillation across different tokenizers is not supported yet. "
+        f"{fix}"
     )
 
 

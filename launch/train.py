@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from distill.cache import check_run, read_manifest, row_digests, tokenizer_hash
+from distill.cache import CacheError, check_run, read_manifest, row_digests, tokenizer_hash
 from distill.config import ConfigError, register_configs, validate
 from distill.data import PackedDataset, prepare_datasets
 from distill.data.sources import prepare_sources
@@ -135,6 +135,8 @@ def check_teacher(name: str, tc: DictConfig, student_dir: str, topk: int) -> str
     normalisation), not only in size. A `teacher=cached` folder holds config + tokenizer, no weights."""
     key = "teacher" if name == "teacher" else f"teachers.{name}"
     teacher_dir = str(build(tc.model))
+    if tc.source != "cached":  # weight files whole and of config.json's architecture, tokenizer loads
+        check_model_folder(teacher_dir)
     teacher_vocab, student_vocab = vocab_size(teacher_dir), vocab_size(student_dir)
     if teacher_vocab != student_vocab:
         raise ConfigError(
@@ -146,8 +148,11 @@ def check_teacher(name: str, tc: DictConfig, student_dir: str, topk: int) -> str
     if tc.stages > (layers := num_hidden_layers(teacher_dir)):
         raise ConfigError(f"{key}.stages={tc.stages} exceeds the teacher's {layers} layers.")
     if tc.source != "cached":
-        check_model_folder(teacher_dir)
-    check_same_tokenizer(teacher_dir, student_dir, (key, "student"))
+        check_same_tokenizer(teacher_dir, student_dir, (key, "student"))
+    else:  # the cache keeps its teacher's config + tokenizer: the ids it holds are that tokenizer's
+        fix = "Fix: write a cache for this student with `python -m launch.cache cache.path=<new> ...`."
+        lead = "cache tokenizer mismatch: "
+        check_same_tokenizer(teacher_dir, student_dir, ("cache", "student"), fix, CacheError, lead)
     return teacher_dir
 
 
