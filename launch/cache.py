@@ -25,7 +25,8 @@ from distill.cache.generation import generation_signals, shard
 from distill.cache.manifest import FORMAT, CacheError, row_digests, weights_hash
 from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
 from distill.config import ConfigError, register_configs, validate_cache
-from distill.data import PackedDataset, TrainWindows, prepare_datasets
+from distill.data import PackedDataset, TrainWindows
+from distill.data.prepare import prepare_datasets
 from distill.files import tokenizer_hash
 from distill.models import check_model_folder, load_tokenizer, num_hidden_layers, vocab_size
 from distill.stream import TeacherStream

@@ -27,9 +27,10 @@ from transformers import AutoTokenizer
 from distill.cache import CachedTeacher, CacheError
 from distill.cache.codec import decode_float32, decode_values, encode_values
 from distill.cache.generation import shard
-from distill.data import prepare_datasets
+from distill.data import TrainWindows
 from distill.data.completions import load_completions, pack_examples, position_mask
 from distill.data.corpus import DataError
+from distill.data.prepare import prepare_datasets
 from distill.data.prompts import pydoc_prompts
 from distill.models import load_tokenizer, tiny_tokenizer
 from distill.teacher.actor import TeacherActor
@@ -99,8 +100,10 @@ def packed(generated: Path, seq_len: int, teacher: Path, tmp_path: Path) -> dict
             "seed": 0,
         }
     )
-    prepare_datasets(data, load_tokenizer(teacher), tmp_path, num_ranks=1, global_batch=1)
-    return {p.stem: np.load(p, allow_pickle=False) for p in tmp_path.glob("*.npy")}
+    prepare_datasets(data, str(teacher), tmp_path, num_ranks=1, global_batch=1)
+    arrays = {p.stem: np.load(p, allow_pickle=False) for p in tmp_path.glob("*.npy")}
+    train = TrainWindows(tmp_path)
+    return {**arrays, "train": train[:], "train_mask": train.target_mask(np.arange(len(train)))}
 
 
 def test_signals_from_generation_equal_the_live_teachers(generation, soft_cache, tiny_teacher_dir, tmp_path):

@@ -48,7 +48,7 @@ def check(tiny_teacher_dir, tiny_student_dir, tmp_path):
 
 def test_good_config_prepares_the_run_directory(check):
     run_dir = check()
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "data" / "train.npy").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "data" / "dataset.json").is_file()
 
 
 def test_missing_model_folder(check, tmp_path):

@@ -11,8 +11,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 BUILTIN_CORPORA = ("pydoc_topics", "common_licenses")
 _SUFFIX_FORMAT = {
     ".txt": "text",
@@ -150,7 +148,11 @@ def file_documents(path: Path, fmt: str, text_field: str) -> Iterator[str]:
         yield from parquet_documents(path, groups, text_field)
 
 
-def parquet_file(path: Path) -> pq.ParquetFile:
+def parquet_file(path: Path):
+    """An open pyarrow ParquetFile (pyarrow is imported here, not at module import: tokeniser workers
+    reading only JSONL or text stay small)."""
+    import pyarrow.parquet as pq
+
     try:
         return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a damaged file

@@ -25,7 +25,7 @@ from distill.data.completions import load_completions, pack_examples, split_by_p
 from distill.data.corpus import BUILTIN_CORPORA, DataError, corpus_files
 from distill.data.indexed import ShardWriter, token_dtype
 from distill.data.packing import PackedDataset
-from distill.data.shards import check_dataset, dataset_windows, manifest_digest
+from distill.data.shards import check_dataset, dataset_windows, manifest_digest, read_manifest
 from distill.data.tokenize import TokenizeSpec, tokenize, tokenizer_identity, write_manifest
 from distill.files import default_cache_dir, write_json_atomic
 
@@ -81,6 +81,18 @@ def _heldout_windows(folder: Path, seq_len: int, wanted: int, num_ranks: int, wh
     return windows.read(np.arange(n_eval))
 
 
+def _check_size(folder: Path, source: str, seq_len: int, what: str) -> None:
+    totals = read_manifest(folder)["totals"]
+    tokens = totals["train"]["tokens"] + totals["heldout"]["tokens"]
+    if tokens == 0:
+        raise DataError(f"data.source={source!r} holds no text: every document is empty.")
+    if tokens < seq_len:
+        raise DataError(
+            f"{what} has {tokens} tokens, fewer than one sequence of data.seq_len={seq_len}; add text or "
+            f"lower data.seq_len."
+        )
+
+
 def _sources(data_cfg) -> list[dict]:
     if data_cfg.sources:
         trained = data_cfg.train_sources
@@ -126,19 +138,20 @@ def prepare_datasets(data_cfg, tokenizer_dir: str, out_dir: Path, num_ranks: int
                 src["source"], src["format"], src["text_field"], tokenizer_dir, data_cfg
             )
             what = f"source {src['name']}" if data_cfg.sources else "the corpus"
-            held = _heldout_windows(folder, seq_len, data_cfg.heldout_sequences, num_ranks, what)
-            parts.append(held)
-            ids.append(np.full(len(held), i, np.uint8))
+            _check_size(folder, src["source"], seq_len, what)
             if src["trained"]:
                 windows = len(dataset_windows(folder, "train", seq_len, src["cap"]))
                 if windows == 0:
                     raise DataError(
-                        f"the training split of {what} ({folder}) holds fewer than data.seq_len={seq_len} "
-                        f"tokens; add text or lower data.seq_len."
+                        f"the training split of {what} ({folder}) holds fewer than one sequence of "
+                        f"data.seq_len={seq_len} tokens; add text or lower data.seq_len."
                     )
                 entry = {"name": src["name"], "source_index": i, "path": str(folder)}
                 entry["manifest_sha256"] = manifest_digest(folder)
                 entries.append({**entry, "cap": src["cap"], "weight": src["weight"], "windows": windows})
+            held = _heldout_windows(folder, seq_len, data_cfg.heldout_sequences, num_ranks, what)
+            parts.append(held)
+            ids.append(np.full(len(held), i, np.uint8))
         heldout = {"heldout": np.concatenate(parts)}
         heldout_ids = np.concatenate(ids) if data_cfg.sources else None
     total = sum(e["windows"] for e in entries)

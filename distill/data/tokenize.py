@@ -22,8 +22,11 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,17 +303,16 @@ def done_records(out: Path) -> dict[int, dict]:
     return {r["piece"]: r for r in records}
 
 
-_worker_encoder = None
+_worker: dict = {}
 
 
-def _init_worker(folder: str) -> None:
-    global _worker_encoder
-    _worker_encoder = BatchEncoder(folder)
+def _init_worker(folder: str, queue) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _worker.update(encode=BatchEncoder(folder), queue=queue)
 
 
-def _run_piece(args) -> int:
-    spec, out, index, piece, identity, queue = args
-    tokenize_piece(spec, out, index, piece, _worker_encoder, identity, queue)
+def _run_piece(spec: TokenizeSpec, out: Path, index: int, piece: dict, identity: dict) -> int:
+    tokenize_piece(spec, out, index, piece, _worker["encode"], identity, _worker["queue"])
     return index
 
 
@@ -353,6 +355,10 @@ def tokenize(
     mine = [i for i in range(len(pieces)) if i % num_tasks == task and i not in done]
     if done:
         log.info("%s: %d of %d pieces already done; tokenising %d", out, len(done), len(pieces), len(mine))
+    for i in mine:  # partial files of a killed run (only this task writes these pieces)
+        for split in SPLITS:
+            for stray in (out / split).glob(f".{piece_name(i)}.*.tmp"):
+                stray.unlink()
     progress = _Progress(sum(input_bytes(spec, pieces[i]) for i in mine))
     if mine and workers <= 1:
         encode = BatchEncoder(spec.tokenizer)
@@ -366,22 +372,25 @@ def tokenize(
             progress.add(piece_bytes=input_bytes(spec, pieces[i]))
     elif mine:
         ctx = mp.get_context("spawn")  # fork after a fast tokenizer was used can deadlock
-        with ctx.Manager() as manager:
-            queue = manager.Queue()
-            with ctx.Pool(min(workers, len(mine)), _init_worker, (spec.tokenizer,)) as pool:
-                results = pool.imap_unordered(
-                    _run_piece, [(spec, out, i, pieces[i], plan["tokenizer"], queue) for i in mine]
-                )
-                remaining = len(mine)
-                while remaining:
-                    try:
-                        i = results.next(timeout=1.0)
-                        remaining -= 1
-                        progress.add(piece_bytes=input_bytes(spec, pieces[i]))
-                    except mp.TimeoutError:
-                        pass
+        queue = ctx.Queue()
+        initargs = (spec.tokenizer, queue)
+        with ProcessPoolExecutor(min(workers, len(mine)), ctx, _init_worker, initargs) as pool:
+            futures = {pool.submit(_run_piece, spec, out, i, pieces[i], plan["tokenizer"]): i for i in mine}
+            pending = set(futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        future.result()  # a worker's error (a bad line, say) surfaces here
+                        progress.add(piece_bytes=input_bytes(spec, pieces[futures[future]]))
                     while not queue.empty():
                         progress.add(tokens=queue.get())
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    f"a tokeniser worker died (killed by the system: out of memory?) while writing {out}; "
+                    f"every finished shard is kept: rerun the same command to continue (with fewer workers "
+                    f"or a smaller shard_bytes if memory is short)."
+                ) from None
     progress.add(force=True)
     done = done_records(out)
     if len(done) < len(pieces):
