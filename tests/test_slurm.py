@@ -215,3 +215,45 @@ def test_sweep_submits_one_job_per_point(slurm_env, tiny_teacher_dir, tiny_stude
         assert list((run_dir / "wandb").glob("offline-run-*"))
     job_ids = {p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)}
     assert len(job_ids) == 3  # one Slurm job (array task <id>_<point>) per point
+
+
+def test_tokenise_as_an_array_job_equals_one_process(slurm_env, tiny_tokenizer_dir, tmp_path):
+    """slurm/tokenize.sbatch: 3 array tasks share the pieces; the result is byte-identical to one process."""
+    from test_data import file_bytes, pydoc_jsonl
+
+    from distill.data.tokenize import TokenizeSpec, tokenize
+
+    pydoc_jsonl(tmp_path / "corpus.jsonl", copies=2)
+    args = [f"source={tmp_path / 'corpus.jsonl'}", f"tokenizer={tiny_tokenizer_dir}", "shard_bytes=150000"]
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0-2",
+            f"--output={tmp_path}/tok-%A_%a.out",
+            str(ROOT / "slurm" / "tokenize.sbatch"),
+            *args,
+            f"out={tmp_path / 'array'}",
+        ],
+        cwd=ROOT,
+        env=slurm_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job], env=slurm_env, capture_output=True, text=True)
+        if not queued.stdout.strip():
+            break
+        time.sleep(0.5)
+    logs = sorted(tmp_path.glob(f"tok-{job}_*.out"))
+    assert len(logs) == 3, [p.read_text()[-2000:] for p in logs]
+    assert all(f"array task {i} of 3" in log.read_text() for i, log in enumerate(logs))
+    spec = TokenizeSpec(
+        str(tmp_path / "corpus.jsonl"), str(tiny_tokenizer_dir), heldout_fraction=0.01, shard_bytes=150000
+    )
+    tokenize(spec, tmp_path / "local")
+    assert (tmp_path / "array" / "manifest.json").is_file(), [log.read_text()[-2000:] for log in logs]
+    assert file_bytes(tmp_path / "array") == file_bytes(tmp_path / "local")
