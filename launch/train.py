@@ -30,8 +30,8 @@ from omegaconf import DictConfig
 
 from distill.cache import CacheError, check_run, read_manifest, row_digests, tokenizer_hash
 from distill.config import ConfigError, register_configs, validate
-from distill.data import PackedDataset, prepare_datasets
-from distill.data.sources import prepare_sources
+from distill.data import PackedDataset, TrainWindows
+from distill.data.prepare import prepare_datasets
 from distill.models import (
     check_model_folder,
     check_same_tokenizer,
@@ -110,9 +110,9 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.features.layer_map is not None:
         resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir)  # every index within both depths
     t = cfg.trainer
-    (prepare_sources if cfg.data.sources else prepare_datasets)(
+    prepare_datasets(
         cfg.data,
-        load_tokenizer(student_dir),
+        student_dir,
         run_dir / "data",
         num_ranks=t.num_ranks,
         global_batch=t.micro_batch_size * t.grad_accum_steps * t.num_ranks,
@@ -183,14 +183,14 @@ def check_cache(cfg: DictConfig, data_dir: Path, student_dir: str, teacher_dir: 
     layers = None
     if cfg.features.layer_map is not None:
         layers = sorted(set(resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir).values()))
-    train, heldout = (PackedDataset.load(data_dir / f"{split}.npy") for split in ("train", "heldout"))
+    train, heldout = TrainWindows(data_dir), PackedDataset.load(data_dir / "heldout.npy")
     check_run(
         read_manifest(cache_dir),
         cache_dir,
         tokenizer=tokenizer_hash(student_dir, load_tokenizer(student_dir).eos_token_id),
         seq_len=cfg.data.seq_len,
         topk=cfg.stream.topk,
-        train_digest=train.digest(),
+        train_digest=train.digest,
         heldout_rows=row_digests(heldout.tokens),
         hidden_layers=layers,
     )
