@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 
-from distill.cache import CachedTeacher
+from distill.cache import CachedTeacher, CacheError
 from distill.config import load_run_config
 from distill.data import PackedDataset, StepSampler, TrainWindows, sources
 from distill.data.completions import load_position_mask, position_mask
@@ -170,6 +170,13 @@ def main(run_dir: Path) -> None:
         domains = sources.domains(run_dir / "data", source_names(cfg), rank, world)
     elif cached:
         stream = CachedTeacher(cfg.cache.path, cfg.stream.topk, hidden_layers=objective.teacher_layers)
+        damaged = stream.verify(rank, world)  # each rank hashes its share: every shard once per run
+        if all_ranks_sum(len(damaged))[0]:
+            where = ", ".join(damaged) if damaged else "found by another rank"
+            raise CacheError(
+                f"cache shards of {cfg.cache.path} fail their sha256 checksum ({where}): the files are "
+                f"damaged. Rewrite the cache (`python -m launch.cache` with a new cache.path)."
+            )
     elif not live:
         stream = NoTeacher()
     else:

@@ -25,7 +25,7 @@ from test_online import ROOT, metrics, run_module, run_train, tiny_overrides
 
 from distill.cache import CachedTeacher, CacheError, CacheWriter
 from distill.cache.codec import decode_values, encode_values
-from distill.cache.manifest import MANIFEST
+from distill.cache.manifest import MANIFEST, read_manifest
 from distill.cache.writer import fill
 from distill.data import PackedDataset
 from distill.models import tiny_llama, tiny_tokenizer
@@ -63,7 +63,7 @@ def tiny_cache(tiny_teacher_dir, tmp_path_factory) -> Path:
 
 
 def manifest(cache_dir: Path) -> dict:
-    return json.loads((cache_dir / MANIFEST).read_text())
+    return read_manifest(cache_dir)
 
 
 def cached_rows(cache_dir: Path, split: str = "train") -> np.ndarray:
@@ -199,11 +199,15 @@ def test_a_damaged_shard_is_refused(tiny_cache, tmp_path):
     (damaged / shard["file"]).write_bytes(bytes(data))
     tokens = cached_rows(tiny_cache)
     reader = CachedTeacher(damaged, topk=16)
+    assert reader.verify() == [shard["file"]]  # one rank hashes every shard ...
+    shares = [CachedTeacher(damaged, topk=16).verify(rank, 3) for rank in range(3)]
+    assert sorted(sum(shares, [])) == [shard["file"]]  # ... or three ranks a third each
     next(reader.stream([(0, np.arange(0, 4))], lambda b: tokens[b[1]]))  # intact shards still serve
-    with pytest.raises(CacheError, match=rf"{shard['file']} fails its sha256 checksum"):
-        next(reader.stream([(0, np.arange(8, 10))], lambda b: tokens[b[1]]))
     with pytest.raises(CacheError, match="differ from the run's"):  # and ids must match the batch's
         next(reader.stream([(0, np.arange(0, 2))], lambda b: tokens[b[1] + 1]))
+    (damaged / shard["file"]).write_bytes(bytes(data[:-1]))  # a truncated shard: refused when opened
+    with pytest.raises(CacheError, match=rf"{shard['file']} has \d+ bytes, the manifest \d+"):
+        next(CachedTeacher(damaged, topk=16).stream([(0, np.arange(8, 10))], lambda b: tokens[b[1]]))
 
 
 def test_codecs_round_trip(tiny_teacher_dir):

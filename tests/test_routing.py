@@ -11,6 +11,8 @@ from test_online import run_train, tiny_overrides
 from test_validation import compose_cfg
 
 from distill.config import ConfigError
+from distill.data import TrainWindows
+from distill.data.shards import dataset_windows
 from distill.stream import TeacherStream
 from distill.stream.ensemble import mix_full_log_probs, mix_topk
 from distill.stream.routing import EnsembleStream, RoutedTeacherStream
@@ -188,9 +190,14 @@ def test_sources_are_packed_and_tagged_per_source(tiny_teacher_dir, tiny_student
     )
     prepare(cfg, tmp_path / "run")
     data = tmp_path / "run" / "data"
-    train_source = np.load(data / "train_source.npy")
+    train = TrainWindows(data)
+    train_source = train.source_index(np.arange(len(train)))
     heldout_source = np.load(data / "heldout_source.npy")
-    assert len(train_source) == len(np.load(data / "train.npy")) and (train_source == 1).sum() == 100
+    assert train.sizes[1] == 100 and (train_source == 1).sum() == 100 and (train_source == 0).sum() > 100
+    for source in (0, 1):  # every window comes from its own source's shards
+        rows = np.flatnonzero(train_source == source)[:5]
+        own = dataset_windows(Path(train.spec["sources"][source]["path"]), "train", train.seq_len)
+        assert (train[rows] == own.read(rows - train.offsets[source])).all()
     assert (heldout_source == 0).sum() == 4 and (heldout_source == 1).sum() == 4  # every domain evaluated
 
 

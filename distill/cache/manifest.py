@@ -29,7 +29,12 @@ def weights_hash(model_dir: Path) -> str:
     return hash_files(files)
 
 
+SHARD_LOG = "shards.jsonl"  # one line per shard written, appended while the cache is being written
+
+
 def read_manifest(cache_dir: Path) -> dict:
+    """The manifest, with the shards of an unfinished cache read from its append-only shard log (the
+    manifest itself is written twice: when the cache starts and when it is complete)."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise CacheError(
@@ -39,7 +44,19 @@ def read_manifest(cache_dir: Path) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; rewrite the cache.")
+    if not manifest["complete"]:
+        manifest["shards"] = read_shard_log(Path(cache_dir))
     return manifest
+
+
+def read_shard_log(cache_dir: Path) -> list[dict]:
+    """The shards listed in `shards.jsonl`; a last line cut short by a kill is not a shard."""
+    log = cache_dir / SHARD_LOG
+    shards = []
+    for line in log.read_text().splitlines(keepends=True) if log.is_file() else []:
+        if line.endswith("\n"):
+            shards.append(json.loads(line))
+    return shards
 
 
 # The fields that identify what a cache holds; a resumed writer must match them all.

@@ -1,16 +1,17 @@
 """Read a teacher-signal cache during training: the same interface as the live TeacherStream.
 
 `CachedTeacher.stream(batches, input_ids_of)` yields (batch, TeacherOutput) for micro-batches `(step,
-rows)` of data/train.npy, so the training loop and the loss code are the ones online training uses. Each
-shard's sha256 is checked the first time it is read (a damaged shard is refused, never used), and each
-row's cached input ids must equal the batch's ids. Held-out signals for evaluation are looked up by the
-sequence's tokens (`heldout`).
+rows)` of the run's training windows, so the training loop and the loss code are the ones online training
+uses. Each shard's size is checked when it is opened and each row's cached input ids must equal the batch's
+ids; `verify(rank, world)` hashes every world-th shard, so the ranks together check each shard once at
+start. Held-out signals for evaluation are looked up by the sequence's tokens (`heldout`).
 """
 
 from __future__ import annotations
 
 import bisect
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from distill.cache.manifest import CacheError, read_manifest
 from distill.files import sha256_file
 from distill.stream import StreamStats
 from distill.teacher.actor import TeacherOutput
+
+MAX_OPEN = 64  # shard files kept open per process
 
 
 def teacher_folder(cache_path: str | None, name_or_path: str | None = None) -> Path:
@@ -67,24 +70,35 @@ class CachedTeacher:
             for split in ("train", "heldout")
         }
         self._starts = {split: [s["start"] for s in shards] for split, shards in self._shards.items()}
-        self._open: dict[str, Any] = {}
+        self._open: OrderedDict[str, Any] = OrderedDict()
         self._heldout: dict[bytes, tuple] | None = None
         self.stats = StreamStats()
 
     def _handle(self, shard: dict):
-        """The open shard, its checksum verified on first use."""
+        """The open shard (at most MAX_OPEN stay open, least recently used closed first), its size checked
+        against the manifest on opening; contents are checked by `verify`."""
         name = shard["file"]
-        if name not in self._open:
+        handle = self._open.pop(name, None)
+        if handle is None:
             path = self.dir / name
             if not path.is_file():
                 raise CacheError(f"cache shard {path} is missing; rewrite the cache.")
-            if sha256_file(path) != shard["sha256"]:
+            if path.stat().st_size != shard["bytes"]:
                 raise CacheError(
-                    f"cache shard {path} fails its sha256 checksum (the file is damaged); refusing to use "
-                    f"it. Rewrite the cache (`python -m launch.cache` with a new cache.path)."
+                    f"cache shard {path} has {path.stat().st_size} bytes, the manifest {shard['bytes']}: the "
+                    f"file is damaged; refusing to use it. Rewrite the cache (`python -m launch.cache`)."
                 )
-            self._open[name] = safe_open(str(path), framework="pt")
-        return self._open[name]
+            handle = safe_open(str(path), framework="pt")
+        self._open[name] = handle
+        while len(self._open) > MAX_OPEN:
+            self._open.popitem(last=False)
+        return handle
+
+    def verify(self, rank: int = 0, world: int = 1) -> list[str]:
+        """sha256 of this rank's share of the shards (every `world`-th, from `rank`); returns the damaged
+        ones. With every rank calling it, each shard is hashed once per run, not once per rank."""
+        shards = sorted(self.manifest["shards"], key=lambda s: s["file"])[rank::world]
+        return [s["file"] for s in shards if sha256_file(self.dir / s["file"]) != s["sha256"]]
 
     def _row(self, split: str, row: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
         shards = self._shards[split]

@@ -1,8 +1,10 @@
-"""Write a teacher-signal cache: shards of rows, each complete before the manifest names it.
+"""Write a teacher-signal cache: shards of rows, each complete before the shard log names it.
 
-A shard is written to a temporary name, flushed, hashed and renamed; only then is it appended to the
-manifest (rewritten atomically). A killed run therefore leaves complete listed shards plus at most one
-stray temporary file, which the next run deletes before continuing with the first unlisted shard.
+A shard is written to a temporary name, flushed, hashed and renamed; only then is one line appended to
+`shards.jsonl` (flushed to disk), so the cost per shard does not grow with the number of shards. The
+manifest is written when the cache starts and, with every shard listed, when it is complete. A killed
+run therefore leaves complete listed shards plus at most one stray temporary file (and perhaps a cut
+last log line), which the next run drops before continuing with the first unlisted shard.
 
 Held-out rows get what evaluation needs: top-k, plus the teacher's log-prob of each actual next token
 (from its full distribution, one sequence per request). Training rows get top-k (and hidden states of
@@ -12,6 +14,7 @@ work unchanged, `stream.prefetch` requests in flight.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from distill.cache.codec import encode_values
-from distill.cache.manifest import MANIFEST, CacheError, check_same_cache, read_manifest
+from distill.cache.manifest import MANIFEST, SHARD_LOG, CacheError, check_same_cache, read_manifest
 from distill.files import sha256_file, write_json_atomic
 from distill.teacher.actor import _to_numpy, index_dtype
 
@@ -64,6 +67,10 @@ class CacheWriter:
         if (self.dir / MANIFEST).exists():
             self.manifest = read_manifest(self.dir)
             check_same_cache(self.manifest, identity, self.dir)
+            if not self.manifest["complete"]:  # drop a log line a kill cut short
+                log = "".join(json.dumps(shard) + "\n" for shard in self.manifest["shards"])
+                (self.dir / f"{SHARD_LOG}.tmp").write_text(log)
+                (self.dir / f"{SHARD_LOG}.tmp").replace(self.dir / SHARD_LOG)
             for shard in self.manifest["shards"]:
                 if not (self.dir / shard["file"]).is_file():
                     raise CacheError(
@@ -105,7 +112,10 @@ class CacheWriter:
         size, rows = (self.dir / name).stat().st_size, len(tensors["input_ids"])
         shard = {"file": name, "split": split, "start": start, "rows": rows, "bytes": size, "sha256": digest}
         self.manifest["shards"].append(shard)
-        self._save()
+        with open(self.dir / SHARD_LOG, "a") as log:
+            log.write(json.dumps(shard) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
 
     def finish(self) -> dict:
         """Mark the cache complete; returns its size summary."""

@@ -10,6 +10,7 @@ against megatron-core). The ~80 lines below replace a dependency on megatron-cor
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -99,7 +100,7 @@ class IndexedShard:
         if size % self.dtype.itemsize:
             raise ValueError(f"{self.prefix}.bin: {size} bytes is not a whole number of {self.dtype} ids.")
         self.num_tokens = size // self.dtype.itemsize
-        self._tokens: np.memmap | None = None
+        self._tokens: np.ndarray | None = None
 
     def lengths(self) -> np.ndarray:
         """Every sequence's length, memory-mapped from the index."""
@@ -111,7 +112,12 @@ class IndexedShard:
         if self._tokens is None:
             if self.num_tokens == 0:
                 return np.zeros(0, self.dtype)
-            self._tokens = np.memmap(self.prefix.with_suffix(".bin"), self.dtype, "r")
+            with open(self.prefix.with_suffix(".bin"), "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # training reads windows at random offsets: no read-ahead around each one (measured: 100x
+            # fewer bytes faulted in per window on a cold page cache; benchmarks/data.py loader)
+            mapped.madvise(mmap.MADV_RANDOM)
+            self._tokens = np.frombuffer(mapped, self.dtype)
         return self._tokens
 
     def close(self) -> None:

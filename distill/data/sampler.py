@@ -25,12 +25,12 @@ _M64 = (1 << 64) - 1
 
 
 def _mix(x: np.ndarray, key: int) -> np.ndarray:
-    """A 64-bit integer hash (splitmix64 finaliser) of x under `key`, elementwise."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(key & _M64) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """A 64-bit integer hash (splitmix64 finaliser) of the uint64 array x under `key`, elementwise
+    (array arithmetic wraps modulo 2^64 silently, as the hash wants)."""
+    z = x + np.uint64((key * 0x9E3779B97F4A7C15) & _M64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def _key(*parts: int) -> int:
