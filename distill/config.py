@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -418,6 +420,19 @@ def validate_tokenize(cfg: DictConfig) -> None:
     _at_least("num_tasks", cfg.num_tasks, 1)
     if not 0 <= cfg.task < cfg.num_tasks:
         raise ConfigError(f"task={cfg.task} must be in [0, num_tasks={cfg.num_tasks}).")
+
+
+def build(node):
+    """`hydra.utils.instantiate`, surfacing our own error (which names the fix) instead of Hydra's wrapper;
+    a plain ValueError (a builder rejecting an argument) becomes a ConfigError naming the config node."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if type(e.__cause__) is ValueError:
+            raise ConfigError(f"{node._get_full_key(None)}: {e.__cause__}") from None
+        if isinstance(e.__cause__, ValueError | OSError):
+            raise e.__cause__ from None
+        raise
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -26,6 +26,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(paths: list[Path]) -> str:
+    """One sha256 over the contents of `paths`, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def cached_sha256(path: Path) -> str:
     """sha256 of a (large) file, remembered by path, size and mtime in $DISTILL_CACHE/file-hashes.json so
     the teacher's weights are hashed once, not on every cache run."""

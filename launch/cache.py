@@ -24,18 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 from distill.cache.generation import generation_signals, shard
 from distill.cache.manifest import FORMAT, CacheError, row_digests, weights_hash
 from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
-from distill.config import ConfigError, register_configs, validate_cache
+from distill.config import ConfigError, build, register_configs, validate_cache
 from distill.data import PackedDataset, TrainWindows
 from distill.data.prepare import prepare_datasets
-from distill.files import tokenizer_hash
+from distill.files import file_sha256, tokenizer_hash
 from distill.models import check_model_folder, load_tokenizer, num_hidden_layers, vocab_size
 from distill.stream import TeacherStream
 from distill.teacher import connect_ray
 from distill.teacher.actor import index_dtype
+from distill.teacher.pool import start_pool
 from distill.tracking import TokenProgress
 from launch.errors import reported_errors
-from launch.generate import file_sha256
-from launch.train import build, start_pool
 
 log = logging.getLogger("distill")
 register_configs()

@@ -22,7 +22,6 @@ batch size, the number of replicas or interruptions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -34,16 +33,18 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from distill.config import ConfigError, register_configs
+from distill.config import ConfigError, build, register_configs
 from distill.data.completions import prompt_ids
+from distill.files import file_sha256
 from distill.models import check_model_folder, load_tokenizer
 from distill.teacher import connect_ray
 from distill.teacher.generate import sample_seed
+from distill.teacher.pool import start_pool
 from distill.tracking import _fmt_duration
 from launch.errors import reported_errors
-from launch.train import PROJECT_ROOT, build, start_pool
 
 log = logging.getLogger("distill")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 register_configs()
 
 
@@ -63,15 +64,6 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ConfigError(f"{path} holds no prompts, or an empty one; every prompt must be non-empty text.")
     return prompts
-
-
-def file_sha256(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check(cfg: DictConfig) -> None:

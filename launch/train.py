@@ -23,13 +23,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from distill.cache import CacheError, check_run, read_manifest, row_digests, tokenizer_hash
-from distill.config import ConfigError, register_configs, validate
+from distill.config import ConfigError, build, register_configs, validate
 from distill.data import PackedDataset, TrainWindows
 from distill.data.prepare import prepare_datasets
 from distill.models import (
@@ -44,7 +42,7 @@ from distill.stream.routing import teacher_configs
 from distill.student import checkpoint
 from distill.student.objective import resolve_layer_map
 from distill.teacher import TeacherPool, connect_ray
-from distill.teacher.pool import TeacherPools
+from distill.teacher.pool import TeacherPools, start_pool
 from launch.curriculum import run_curriculum
 from launch.errors import fail, reported_errors, show_traceback
 from launch.preemption import PREEMPTION, Preempted, checkpointed_step
@@ -57,19 +55,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 class RankFailure(RuntimeError):
     pass
-
-
-def build(node):
-    """`hydra.utils.instantiate`, surfacing our own error (which names the fix) instead of Hydra's wrapper;
-    a plain ValueError (a builder rejecting an argument) becomes a ConfigError naming the config node."""
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        if type(e.__cause__) is ValueError:
-            raise ConfigError(f"{node._get_full_key(None)}: {e.__cause__}") from None
-        if isinstance(e.__cause__, ValueError | OSError):
-            raise e.__cause__ from None
-        raise
 
 
 def resolve_resume(mode: str, ckpt_root: Path) -> Path | None:
@@ -370,22 +355,6 @@ def check_ray_resources(named: dict[str, DictConfig]) -> None:
                 f"(ray.num_cpus / ray.num_gpus locally; TEACHER_CPUS, GPUS_PER_NODE or more TEACHER_NODES "
                 f"on Slurm)."
             )
-
-
-def start_pool(run_tag: str, teacher_dir: str, tc: DictConfig) -> TeacherPool:
-    return TeacherPool.start(
-        run_tag,
-        teacher_dir,
-        tc.replicas,
-        tc.dtype,
-        tc.attn_implementation,
-        tc.threads,
-        tc.cpus_per_replica,
-        tc.gpus_per_replica,
-        stages=tc.stages,
-        placement_strategy=tc.placement_strategy,
-        max_restarts=tc.max_restarts,
-    )
 
 
 def name_sweep_point(cfg: DictConfig) -> None:

@@ -190,3 +190,20 @@ class TeacherPools:
         """Process ids of the whole-model actors (pipeline replicas report per stage elsewhere)."""
         infos = [i for pool in self.pools.values() for i in pool.info()]
         return [i["pid"] for i in infos if isinstance(i, dict) and "pid" in i]
+
+
+def start_pool(run_tag: str, teacher_dir: str, tc) -> TeacherPool:
+    """A pool of the teacher at `teacher_dir` as the `teacher` config node `tc` describes it."""
+    return TeacherPool.start(
+        run_tag,
+        teacher_dir,
+        tc.replicas,
+        tc.dtype,
+        tc.attn_implementation,
+        tc.threads,
+        tc.cpus_per_replica,
+        tc.gpus_per_replica,
+        stages=tc.stages,
+        placement_strategy=tc.placement_strategy,
+        max_restarts=tc.max_restarts,
+    )
