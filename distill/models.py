@@ -870,6 +870,7 @@ def student_from_teacher(
     with the same folder name is refused rather than silently reused.
     """
     teacher_dir = resolve_model(teacher, cache_dir)
+    check_weight_files(teacher_dir)  # a truncated teacher is named as such, not as a foreign cached student
     num_layers = _read_config(teacher_dir).get("num_hidden_layers")
     if not isinstance(num_layers, int):
         raise ModelConfigError(f"{teacher_dir / 'config.json'} has no integer num_hidden_layers")
