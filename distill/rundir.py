@@ -153,9 +153,9 @@ def is_free(key: str) -> bool:
 
 
 def _outputs(run_dir: Path) -> list[str]:
+    """What earlier starts left in `run_dir`: its newest checkpoint first (if any), then OUTPUTS present."""
     from distill.student.checkpoint import list_checkpoints
 
-    """What earlier starts left in `run_dir`: its newest checkpoint first (if any), then OUTPUTS present."""
     found = [p.name for p in list_checkpoints(run_dir / "checkpoints")]
     older = f" (and {len(found) - 1} older)" if len(found) > 1 else ""
     ckpts = [f"checkpoints/{found[-1]}{older}"] if found else []
