@@ -50,7 +50,15 @@ def tokenized_source(source: str, fmt: str, text_field: str, tokenizer_dir: str,
     path = Path(source).expanduser()
     tok_sha = tokenizer_identity(tokenizer_dir)["sha256"]
     if (path / "manifest.json").is_file() or (path / "plan.json").is_file():
-        check_dataset(path, tok_sha, tokenizer_dir)
+        fraction = check_dataset(path, tok_sha, tokenizer_dir)["spec"]["heldout_fraction"]
+        if fraction != data_cfg.heldout_fraction:
+            log.warning(
+                "%s: its held-out split (%.3g of documents) was fixed when it was tokenised; "
+                "data.heldout_fraction=%g does not apply to it",
+                path,
+                fraction,
+                data_cfg.heldout_fraction,
+            )
         return path.resolve()
     spec = TokenizeSpec(
         source=source,

@@ -44,11 +44,11 @@ def _key(*parts: int) -> int:
     return k
 
 
-def permute(positions: np.ndarray, n: int, key: int, rounds: int = 6) -> np.ndarray:
+def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
     """The image of `positions` (each in [0, n)) under a keyed pseudo-random permutation of [0, n).
 
-    A balanced Feistel network over the smallest even number of bits covering n is a permutation of
-    [0, 2^bits); applying it again while a value falls outside [0, n) (cycle walking) restricts it to a
+    A balanced Feistel network (4 rounds: Luby-Rackoff's pseudo-random permutation) over the smallest even
+    number of bits covering n is a permutation of [0, 2^bits); applying it again while a value falls outside [0, n) (cycle walking) restricts it to a
     permutation of [0, n). 2^bits < 4n, so a value needs fewer than 4 applications on average."""
     x = np.asarray(positions, dtype=np.uint64)
     if n <= 1:
