@@ -48,8 +48,9 @@ def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
     """The image of `positions` (each in [0, n)) under a keyed pseudo-random permutation of [0, n).
 
     A balanced Feistel network (4 rounds: Luby-Rackoff's pseudo-random permutation) over the smallest even
-    number of bits covering n is a permutation of [0, 2^bits); applying it again while a value falls outside [0, n) (cycle walking) restricts it to a
-    permutation of [0, n). 2^bits < 4n, so a value needs fewer than 4 applications on average."""
+    number of bits covering n is a permutation of [0, 2^bits); applying it again while a value falls
+    outside [0, n) (cycle walking) restricts it to a permutation of [0, n). 2^bits < 4n, so a value needs
+    fewer than 4 applications on average."""
     x = np.asarray(positions, dtype=np.uint64)
     if n <= 1:
         return x.astype(np.int64)
