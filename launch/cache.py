@@ -1,6 +1,6 @@
 """Write a teacher-signal cache: `python -m launch.cache cache.path=/path [group=option ...]`.
 
-Composed from the same conf/ groups as training (teacher, data, stream) plus `cache.*`: it packs the data
+Composed from the same conf/ groups as training (teacher, data, stream) plus `cache.*`: it reads the data
 exactly as a training run does, runs the teacher pool (replicas, pipeline stages) over every sequence
 once, and writes top-`stream.topk` log-probs (and `cache.hidden_layers`' hidden states) to sharded
 safetensors files with a JSON manifest. Rerunning the same command after an interruption continues from
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +42,11 @@ register_configs()
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def pack_data(cfg: DictConfig, teacher_dir: Path, cache_dir: Path) -> dict:
+def pack_data(cfg: DictConfig, teacher_dir: Path, data_dir: Path) -> dict:
     """The training windows (memory-mapped) and held-out windows a training run on this data config
-    reads, prepared into `<cache>/data` (one rank, so the held-out split is not trimmed to a multiple of
-    the ranks; data.heldout_sequences caps it)."""
-    data_dir = cache_dir / "data"
+    reads, prepared into `data_dir` (one rank, so the held-out split is not trimmed to a multiple of the
+    ranks; data.heldout_sequences caps it). Text sources stay in their tokenised shards; only small
+    files (the run's data spec, held-out windows, packed completions) are written to `data_dir`."""
     prepare_datasets(cfg.data, str(teacher_dir), data_dir, num_ranks=1, global_batch=1)
     return {"train": TrainWindows(data_dir), "heldout": PackedDataset.load(data_dir / "heldout.npy")}
 
@@ -104,6 +105,12 @@ def convert_generation(writer: CacheWriter, data: dict, signals: dict, plan: lis
 
 
 def write(cfg: DictConfig) -> dict:
+    """Check, prepare the data (into a temporary folder that lives while the cache is written), write."""
+    with tempfile.TemporaryDirectory(prefix="distill-cache-data-") as data_dir:
+        return _write(cfg, Path(data_dir))
+
+
+def _write(cfg: DictConfig, data_dir: Path) -> dict:
     validate_cache(cfg)
     cache_dir = Path(cfg.cache.path).expanduser().resolve()
     teacher_dir = Path(build(cfg.teacher.model))
@@ -113,7 +120,7 @@ def write(cfg: DictConfig) -> dict:
     if cfg.cache.from_generation:
         check_generation(cfg, teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
-    data = pack_data(cfg, teacher_dir, cache_dir)
+    data = pack_data(cfg, teacher_dir, data_dir)
     extra = {
         "vocab_size": vocab,
         "teacher_path": str(teacher_dir),

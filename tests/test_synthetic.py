@@ -17,6 +17,7 @@ import torch
 from test_online import ROOT, metrics, run_module, run_train, tiny_overrides
 from transformers import AutoModelForCausalLM
 
+from distill.data import TrainWindows
 from distill.data.completions import prompt_ids
 from distill.data.prompts import pydoc_prompts
 from distill.losses.ce import cross_entropy, fused_cross_entropy
@@ -300,7 +301,10 @@ def test_fine_tuning_on_generated_completions(generated, tiny_student_dir, tmp_p
     assert proc.returncode == 0
     data = run_dir / "data"
     heldout, targets = np.load(data / "heldout.npy"), np.load(data / "heldout_mask.npy")
-    assert np.load(data / "train_mask.npy").shape == np.load(data / "train.npy").shape
+    train = TrainWindows(data)  # the packed windows and their target-mask twin, read from the run's shards
+    everything = np.arange(len(train))
+    targets_train = train.target_mask(everything)
+    assert targets_train.shape == train[everything].shape and targets_train.any()
     records = metrics(run_dir)
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2])

@@ -27,7 +27,7 @@ from distill.data.indexed import ShardWriter, token_dtype
 from distill.data.packing import PackedDataset
 from distill.data.shards import check_dataset, dataset_windows, manifest_digest, read_manifest
 from distill.data.tokenize import TokenizeSpec, tokenize, tokenizer_identity, write_manifest
-from distill.files import default_cache_dir, write_json_atomic
+from distill.files import default_cache_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger("distill")
 
@@ -171,9 +171,8 @@ def prepare_datasets(data_cfg, tokenizer_dir: str, out_dir: Path, num_ranks: int
     if heldout_ids is not None:
         heldout["heldout_source"] = heldout_ids
     spec = {"seq_len": seq_len, "sources": entries}
-    spec["digest"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[
-        :16
-    ]  # training data
+    content = [{k: v for k, v in e.items() if k not in ("path", "mask_path")} for e in entries]  # not where
+    spec["digest"] = hashlib.sha256(json.dumps([seq_len, content], sort_keys=True).encode()).hexdigest()[:16]
     spec["heldout_sha256"] = hashlib.sha256(b"".join(a.tobytes() for a in heldout.values())).hexdigest()
     existing = out_dir / "dataset.json"
     if existing.is_file():
@@ -241,11 +240,14 @@ def _write_windows(folder: Path, windows: np.ndarray, dtype) -> None:
         (folder / sub).mkdir(exist_ok=True)
     shards = {}
     for split, rows in (("train", windows), ("heldout", windows[:0])):
-        writer = ShardWriter(folder / split / "part-00000", dtype)
+        prefix = folder / split / "part-00000"
+        writer = ShardWriter(prefix, dtype)
         for row in rows:
             writer.add(row)
         writer.finish()
         shards[split] = {"tokens": writer.tokens, "documents": len(writer.lengths)}
+        for suffix in ("bin", "idx"):  # the manifest's digest identifies the content
+            shards[split][f"{suffix}_sha256"] = sha256_file(prefix.with_suffix(f".{suffix}"))
     plan = {"spec": {"source": "completions"}, "tokenizer": {"dtype": np.dtype(dtype).name, "sha256": None}}
-    record = {"piece": 0, "name": "part-00000", **{s: {**v, "bin_sha256": None} for s, v in shards.items()}}
+    record = {"piece": 0, "name": "part-00000", **shards}
     write_manifest(folder, plan, {0: record})
