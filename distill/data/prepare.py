@@ -14,6 +14,7 @@ a digest of it all: the identity a resume must match) and the small held-out arr
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -70,9 +71,12 @@ def tokenized_source(source: str, fmt: str, text_field: str, tokenizer_dir: str,
     )
     key = json.dumps([_listing(spec), tok_sha, fmt, text_field, spec.heldout_fraction, spec.split_seed])
     out = tokenized_cache_dir() / hashlib.sha256(key.encode()).hexdigest()[:20]
-    if not (out / "manifest.json").is_file():
-        log.info("tokenising %s into %s (once; later runs reuse it)", source, out)
-        tokenize(spec, out, workers=data_cfg.tokenize_workers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # sweep points starting together: one tokenises
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():
+            log.info("tokenising %s into %s (once; later runs reuse it)", source, out)
+            tokenize(spec, out, workers=data_cfg.tokenize_workers)
     check_dataset(out, tok_sha, tokenizer_dir)
     return out
 
