@@ -169,8 +169,8 @@ def test_tokenise_then_train_export_and_resume_through_the_cli(tmp_path, tiny_st
             "teacher.source=none",
             f"data.source={out}",
             "trainer.num_ranks=1",
-            "trainer.max_steps=4",
-            "trainer.checkpoint_every=2",
+            "trainer.max_steps=2",
+            "trainer.checkpoint_every=1",
             "trainer.eval_every=2",
             *extra,
         )
@@ -182,7 +182,7 @@ def test_tokenise_then_train_export_and_resume_through_the_cli(tmp_path, tiny_st
     spec = json.loads((tmp_path / "whole" / "data" / "dataset.json").read_text())
     assert spec["sources"][0]["path"] == str(out) and not list((tmp_path / "whole" / "data").glob("train*"))
 
-    first = train(tmp_path / "split", "trainer.stop_at_step=2")
+    first = train(tmp_path / "split", "trainer.stop_at_step=1")
     assert first.returncode == 0 and not (tmp_path / "split" / "student").exists()
     second = train(tmp_path / "split", "trainer.resume=latest")
     assert second.returncode == 0
