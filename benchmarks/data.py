@@ -1,8 +1,8 @@
 """The data path at scale, measured: tokeniser throughput against the tokenizer's own batch encode, peak
 memory across corpus sizes, and the per-step cost of sampling + reading windows from a 10^10-token index.
 
-    python benchmarks/data.py throughput [--mb 40]       # tok/s per worker vs raw encode_batch; 1 vs 2 workers
-    python benchmarks/data.py memory --sizes-mb 100 500  # peak RSS: tokenise, then prepare + one training step
+    python benchmarks/data.py throughput [--mb 40]       # tok/s per worker vs raw encode; 1 vs 2 workers
+    python benchmarks/data.py memory --sizes-mb 100 500  # peak RSS: tokenise; prepare + one training step
     python benchmarks/data.py loader [--tokens 1e10]     # ms per global batch per rank; sampler memory
 
 The corpus is real prose: Python's documentation topics (pydoc_data), replicated as JSONL to the size
