@@ -19,9 +19,11 @@ import hydra
 from omegaconf import DictConfig
 
 from distill.config import register_configs, validate_tokenize
+from distill.data.corpus import DataError
 from distill.data.shards import read_manifest
 from distill.data.tokenize import TokenizeSpec, tokenize
 from distill.files import sha256_file
+from launch.errors import reported_errors
 
 log = logging.getLogger("distill")
 register_configs()
@@ -41,7 +43,7 @@ def verify(out: Path, workers: int) -> dict:
         digests = dict(zip(files, pool.map(sha256_file, files)))
     bad = [str(path) for path, digest in digests.items() if digest != files[path]]
     if bad:
-        raise ValueError(
+        raise DataError(
             f"{len(bad)} shard file(s) fail their sha256: {', '.join(bad[:5])}; re-tokenise them."
         )
     return {"verified": len(files), "out": str(out)}
@@ -70,6 +72,7 @@ def run(cfg: DictConfig) -> dict | None:
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="tokenize", version_base="1.3")
+@reported_errors()  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     manifest = run(cfg)

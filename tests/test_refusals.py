@@ -370,3 +370,41 @@ def test_hydra_full_error_shows_the_traceback(tiny_teacher_dir, tiny_student_dir
     overrides = tiny(tiny_teacher_dir, tiny_student_dir, tmp_path / "run", "trainer.zero_stage=5")
     proc = train(tmp_path, *overrides, HYDRA_FULL_ERROR="1", **NO_RAY)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def bad_corpus(folder: Path, case: str) -> tuple[Path, list[str]]:
+    """A corpus file a careful user still gets wrong, and what the error line must name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if case == "malformed jsonl":
+        path = folder / "corpus.jsonl"
+        lines = [json.dumps({"text": f"document {i} " * 50}) for i in range(8)]
+        lines[4] = '{"text": "a line cut short'
+        path.write_text("\n".join(lines) + "\n")
+        return path, [str(path), "line 5", "not valid JSON"]
+    if case == "corrupt parquet":
+        path = folder / "corpus.parquet"
+        path.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
+        return path, [str(path), "Parquet"]
+    if case == "non-text column":
+        path = folder / "corpus.parquet"
+        pq.write_table(pa.table({"text": list(range(100))}), path)
+        return path, [str(path), "column 'text'", "not text", "data.text_field"]
+    path = folder / "corpus.jsonl"  # "empty": every document blank
+    path.write_text("\n".join(json.dumps({"text": "   "}) for _ in range(5)) + "\n")
+    return path, [str(path), "holds no text"]
+
+
+@pytest.mark.parametrize("case", ["malformed jsonl", "corrupt parquet", "non-text column", "empty"])
+def test_a_bad_corpus_is_one_line_naming_the_file(case, tiny_teacher_dir, tiny_student_dir, tmp_path):
+    corpus, named = bad_corpus(tmp_path / "corpus", case)
+    run_dir = tmp_path / "run"
+    overrides = tiny(tiny_teacher_dir, tiny_student_dir, run_dir, f"data.source={corpus}")
+    assert_refused(train(tmp_path, *overrides, **NO_RAY), *named)
+    assert not (run_dir / "config.yaml").exists()  # refused before the run directory was written
+    tokenised = run_module(
+        "launch.tokenize", [f"source={corpus}", f"out={tmp_path / 'tokens'}", f"tokenizer={tiny_student_dir}"]
+    )
+    assert_refused(tokenised, *named)  # the tokeniser says the same

@@ -96,7 +96,7 @@ def test_empty_corpus(check, tmp_path):
 def test_corpus_shorter_than_one_sequence(check, tmp_path):
     corpus = tmp_path / "short"
     corpus.mkdir()
-    for i in range(10):
+    for i in range(3):
         (corpus / f"doc{i}.txt").write_text(f"tiny {i}")
     with pytest.raises(DataError, match="fewer than one sequence of data.seq_len=32"):
         check(f"data.source={corpus}")

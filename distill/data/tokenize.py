@@ -396,6 +396,8 @@ def tokenize(
     if len(done) < len(pieces):
         log.info("%d of %d pieces done; the last task to finish writes the manifest", len(done), len(pieces))
         return None
+    if not any(r[split]["documents"] for r in done.values() for split in SPLITS):
+        raise DataError(f"source={spec.source!r} holds no text: every document is empty.")
     return write_manifest(out, plan, done)
 
 
