@@ -169,7 +169,7 @@ def _write(cfg: DictConfig, data_dir: Path) -> dict:
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="cache", version_base="1.3")
-@reported_errors()  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
+@reported_errors  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     return write(cfg)

@@ -8,10 +8,13 @@ traces, shows it as well. Used by the Hydra mains (`launch.train`, `launch.cache
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 USER_ERROR_EXIT = 2  # bad input: nothing was computed; fix the named file or key and rerun
 
@@ -38,13 +41,21 @@ def fail(message: object, code: int = USER_ERROR_EXIT) -> None:
     sys.exit(code)
 
 
-@contextlib.contextmanager
-def reported_errors() -> Iterator[None]:
-    """Around a command's body: an expected user error becomes one `error: ...` line on stderr and exit
-    code 2 (unless `HYDRA_FULL_ERROR=1`); anything else propagates with its traceback, as a bug should."""
-    try:
-        yield
-    except user_error_types() as exc:
-        if show_traceback():
-            raise
-        fail(exc)
+def reported_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a command's main: an expected user error becomes one `error: ...` line on stderr and exit
+    code 2 (unless `HYDRA_FULL_ERROR=1`); anything else propagates with its traceback, as a bug should.
+
+    A plain function wrapper, not a `contextlib.contextmanager` used as a decorator: that one closes over
+    a generator, which submitit's cloudpickle cannot pickle when Hydra multirun submits `main` to Slurm."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> T:
+        try:
+            return main(*args, **kwargs)
+        except user_error_types() as exc:
+            if show_traceback():
+                raise
+            fail(exc)
+            raise  # unreachable: fail() exits
+
+    return wrapper

@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> dict | None:
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="tokenize", version_base="1.3")
-@reported_errors()  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
+@reported_errors  # bad input: one `error: ...` line, exit code 2 (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     manifest = run(cfg)

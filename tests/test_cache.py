@@ -230,14 +230,17 @@ def test_codecs_round_trip(tiny_teacher_dir):
 
 
 def test_cached_training_equals_online_training_and_a_sweep_reads_one_cache(
-    tiny_cache, tiny_teacher_dir, tiny_student_dir, tmp_path
+    tiny_cache, attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
     """Same seed, same batches: the cached run's losses are the online run's (fp16 values identical); a
-    Hydra sweep over the loss reads the one cache, with Ray made unreachable to prove no run uses it."""
+    Hydra sweep over the loss reads the one cache, with Ray made unreachable to prove no run uses it.
+    The online run uses the session's float32 teacher pool (attached_teacher)."""
     steps = ["trainer.max_steps=2", "trainer.eval_every=2"]
     online = tmp_path / "online"
     proc = run_train(
-        tiny_overrides(tiny_teacher_dir, tiny_student_dir, online, *steps, "teacher.dtype=float32")
+        tiny_overrides(
+            tiny_teacher_dir, tiny_student_dir, online, *steps, "teacher.dtype=float32", *attached_teacher
+        )
     )
     assert proc.returncode == 0
 

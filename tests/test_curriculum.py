@@ -26,6 +26,7 @@ from distill.models import tiny_llama
 @pytest.fixture(scope="module")
 def licenses_teacher_dir(tmp_path_factory, tiny_tokenizer_dir: Path) -> Path:
     """A second tiny teacher, briefly trained on another real corpus (Debian's license texts)."""
+    from conftest import train_briefly
     from transformers import AutoModelForCausalLM
 
     from distill.data import load_documents, pack_documents
@@ -40,16 +41,12 @@ def licenses_teacher_dir(tmp_path_factory, tiny_tokenizer_dir: Path) -> Path:
     )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokens = pack_documents(load_documents("common_licenses"), load_tokenizer(folder), 32).tokens
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        rows = torch.randint(0, len(tokens), (16,), generator=generator)
-        ids = torch.from_numpy(tokens[rows.numpy()].astype("int64"))
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_briefly(model, tokens, steps=60, batch=16, seed=0)
     model.save_pretrained(folder)
     return folder
+
+
+PHASE2_STEPS = 60  # a few seconds: long enough to be preempted in the middle
 
 
 def curriculum_overrides(python: Path, licenses: Path, student: Path, run_dir: Path) -> list[str]:
@@ -61,8 +58,8 @@ def curriculum_overrides(python: Path, licenses: Path, student: Path, run_dir: P
         "data.sources=[{name:python,source:pydoc_topics},{name:licenses,source:common_licenses}]",
         f"+teachers={{python:{{model:{{name_or_path:{python}}}}},licenses:{{model:{{name_or_path:{licenses}}}}}}}",
         "+routing={python:python,licenses:licenses}",
-        # phase 2 is long enough (a few seconds) to be preempted in the middle
-        "+curriculum=[{name:mixture,max_steps:4},{name:licenses,max_steps:200,sources:[licenses]}]",
+        "+curriculum=[{name:mixture,max_steps:4},"
+        f"{{name:licenses,max_steps:{PHASE2_STEPS},sources:[licenses]}}]",
         "trainer.num_ranks=1",
         "trainer.checkpoint_every=1000",  # a phase's end and a preemption checkpoint, nothing else
         "trainer.eval_every=1000",
@@ -122,7 +119,7 @@ def test_two_phases_release_teachers_and_resume_in_phase_two_after_preemption(
     )
     assert found, log[-3000:]
     stopped = int(found.group(1))
-    assert 2 <= stopped < 200 and trained_steps(second) == list(range(1, stopped + 1))
+    assert 2 <= stopped < PHASE2_STEPS and trained_steps(second) == list(range(1, stopped + 1))
     assert (second / "checkpoints" / f"step-{stopped:06d}").is_dir() and not (second / "student").exists()
     assert not any(alive(pid) for pid in phase1["pids"] + phase2["pids"]), "teachers left running"
     state = json.loads((run_dir / "curriculum.json").read_text())
@@ -144,7 +141,7 @@ def test_two_phases_release_teachers_and_resume_in_phase_two_after_preemption(
         f"resumed from {second / 'checkpoints' / f'step-{stopped:06d}'} at step {stopped}" in resumed.stderr
     )
     assert (first / "metrics.jsonl").read_text() == phase1_log  # phase 1 was not trained again
-    assert trained_steps(second) == list(range(1, 201))  # each step once
+    assert trained_steps(second) == list(range(1, PHASE2_STEPS + 1))  # each step once
 
     # the uninterrupted reference: phase 2 in one go from the same finished phase 1 (copied: phase 1 is
     # deterministic and rerunning it would only cost time)

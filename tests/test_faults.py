@@ -17,43 +17,63 @@ from test_online import ROOT, exported_weights, metrics, run_train, tiny_overrid
 
 from distill.student.checkpoint import latest
 
+STEPS = 40  # the teacher is killed after 5 steps: the other 35 (seconds of training) run on its successor
+# both fault tests train this; one undisturbed run of it is their reference (`calm_run`)
+COMMON = [
+    f"trainer.max_steps={STEPS}",
+    "trainer.eval_every=1000",
+    "trainer.checkpoint_every=1000",
+    "stream.prefetch=3",
+    "trainer.record_samples=true",
+]
 
-def teacher_pids() -> list[int]:
+
+def teacher_pids(driver: int | None = None) -> list[int]:
+    """Teacher actor processes: every one on this machine, or only those started under `driver` (its
+    local Ray runtime's workers), so that a test kills its own run's teacher and nobody else's."""
     out = subprocess.run(["pgrep", "-f", "ray::TeacherActor"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    pids = [int(p) for p in out.split()]
+    return pids if driver is None else [p for p in pids if driver in ancestors(p)]
 
 
-def test_killed_teacher_is_restarted_and_every_step_trains_once(tiny_teacher_dir, tiny_student_dir, tmp_path):
-    common = [
-        "trainer.max_steps=200",
-        "trainer.eval_every=1000",
-        "trainer.checkpoint_every=1000",
-        "stream.prefetch=3",
-        "trainer.record_samples=true",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+def ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the parenthesised command name
+        found.add(pid)
+    return found
 
-    def start(run_dir):
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "launch.train",
-                *tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *common),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
 
-    calm = start(tmp_path / "calm")
-    calm_out = calm.communicate(timeout=600)[0]
-    assert calm.returncode == 0, calm_out[-3000:]
+def start_train(run_dir, *overrides: str, teacher, student) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.train", *tiny_overrides(teacher, student, run_dir, *overrides)],
+        cwd=ROOT,
+        env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
+
+@pytest.fixture(scope="module")
+def calm_run(attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
+    """The undisturbed run both fault tests compare against (same settings, same seed), on the session's
+    teacher pool (the disturbed runs start, and lose, teachers of their own)."""
+    run_dir = tmp_path_factory.mktemp("faults") / "calm"
+    overrides = tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *COMMON, *attached_teacher)
+    assert run_train(overrides).returncode == 0
+    return run_dir
+
+
+def test_killed_teacher_is_restarted_and_every_step_trains_once(
+    calm_run, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
     disturbed_dir = tmp_path / "disturbed"
-    disturbed = start(disturbed_dir)
+    disturbed = start_train(disturbed_dir, *COMMON, teacher=tiny_teacher_dir, student=tiny_student_dir)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until training is under way, then kill the teacher
         steps = (
@@ -66,7 +86,7 @@ def test_killed_teacher_is_restarted_and_every_step_trains_once(tiny_teacher_dir
         assert disturbed.poll() is None, disturbed.communicate()[0][-3000:]
         time.sleep(0.2)
     killed_at = len(steps)
-    victims = teacher_pids()
+    victims = teacher_pids(disturbed.pid)
     assert victims, "no teacher actor process found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
@@ -74,16 +94,16 @@ def test_killed_teacher_is_restarted_and_every_step_trains_once(tiny_teacher_dir
     assert disturbed.returncode == 0, out[-3000:]
     assert set(teacher_pids()).isdisjoint(victims)  # the run ended; no killed process came back
 
-    calm_losses = [(r["step"], r["train/loss"]) for r in metrics(tmp_path / "calm") if "train/loss" in r]
+    calm_losses = [(r["step"], r["train/loss"]) for r in metrics(calm_run) if "train/loss" in r]
     disturbed_losses = [(r["step"], r["train/loss"]) for r in metrics(disturbed_dir) if "train/loss" in r]
-    assert killed_at < 150  # the teacher died mid-training, not during the final evaluation
-    assert [s for s, _ in disturbed_losses] == list(range(1, 201))  # every step exactly once
+    assert killed_at < STEPS // 2  # the teacher died mid-training, not during the final evaluation
+    assert [s for s, _ in disturbed_losses] == list(range(1, STEPS + 1))  # every step exactly once
     assert disturbed_losses == pytest.approx(calm_losses, rel=1e-6)  # same batches, same teacher outputs
 
-    calm_samples, disturbed_samples = trained_samples(tmp_path / "calm"), trained_samples(disturbed_dir)
+    calm_samples, disturbed_samples = trained_samples(calm_run), trained_samples(disturbed_dir)
     assert sorted(disturbed_samples) == sorted(calm_samples)  # every (rank, step, micro-batch) exactly once
     assert disturbed_samples == calm_samples  # ... with the same sample ids
-    for step in range(1, 201):  # in each step the ranks train disjoint samples
+    for step in range(1, STEPS + 1):  # in each step the ranks train disjoint samples
         ids = [i for (_, s, _), samples in disturbed_samples.items() if s == step for i in samples]
         assert len(ids) == len(set(ids)) == 2 * 4  # 2 ranks x micro-batch 4 (conf/experiment/tiny.yaml)
 
@@ -98,11 +118,11 @@ def trained_samples(run_dir) -> dict[tuple[int, int, int], list[int]]:
             key = (rank, r["step"], r["micro_batch"])
             assert key not in trained, f"{key} trained twice"
             trained[key] = r["samples"]
-    assert len(trained) == 200 * len(list((run_dir / "samples").glob("rank*.jsonl")))
+    assert len(trained) == STEPS * len(list((run_dir / "samples").glob("rank*.jsonl")))
     return trained
 
 
-def test_a_replica_that_stays_dead_is_dropped_and_none_left_is_a_clear_error(tiny_teacher_dir):
+def test_a_replica_that_stays_dead_is_dropped_and_none_left_is_a_clear_error(ray_runtime, tiny_teacher_dir):
     import numpy as np
     import ray
     from conftest import start_tiny_pool
@@ -122,7 +142,7 @@ def test_a_replica_that_stays_dead_is_dropped_and_none_left_is_a_clear_error(tin
         with pytest.raises(TeacherStreamError, match="every teacher replica is dead"):
             list(stream.stream(batches, lambda b: b))
     finally:
-        ray.shutdown()
+        pool.shutdown()
 
 
 def wait_for_steps(run_dir, proc, n: int, timeout_s: float = 300) -> int:
@@ -139,39 +159,30 @@ def wait_for_steps(run_dir, proc, n: int, timeout_s: float = 300) -> int:
 
 
 def test_losing_every_replica_checkpoints_then_resume_finishes_the_run(
-    tiny_teacher_dir, tiny_student_dir, tmp_path
+    calm_run, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
     """With no restarts left the run stops with a clear error after checkpointing its last step; a
     rerun with trainer.resume=latest ends with the weights of a run that never lost its teacher."""
-    common = ["trainer.max_steps=60", "trainer.eval_every=1000", "trainer.checkpoint_every=1000"]
-    calm, lost = tmp_path / "calm", tmp_path / "lost"
-    assert run_train(tiny_overrides(tiny_teacher_dir, tiny_student_dir, calm, *common)).returncode == 0
-
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    args = tiny_overrides(tiny_teacher_dir, tiny_student_dir, lost, *common, "teacher.max_restarts=0")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.train", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    lost = tmp_path / "lost"
+    no_restarts = [*COMMON, "teacher.max_restarts=0"]
+    proc = start_train(lost, *no_restarts, teacher=tiny_teacher_dir, student=tiny_student_dir)
     wait_for_steps(lost, proc, 5)
-    for pid in teacher_pids():
+    victims = teacher_pids(proc.pid)
+    assert victims, "no teacher actor process found"
+    for pid in victims:
         os.kill(pid, signal.SIGKILL)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
     assert "the teacher pool is gone" in out and "trainer.resume=latest" in out, out[-3000:]
     trained = [r["step"] for r in metrics(lost) if "train/loss" in r]
-    assert 5 <= trained[-1] < 60
+    assert 5 <= trained[-1] < STEPS
     assert latest(lost / "checkpoints").name == f"step-{trained[-1]:06d}"  # nothing trained is lost
 
     resumed = run_train(
-        tiny_overrides(tiny_teacher_dir, tiny_student_dir, lost, *common, "trainer.resume=latest")
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, lost, *no_restarts, "trainer.resume=latest")
     )
     assert resumed.returncode == 0
-    a, b = exported_weights(calm), exported_weights(lost)
+    a, b = exported_weights(calm_run), exported_weights(lost)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
-    assert [r["step"] for r in metrics(lost) if "train/loss" in r] == list(range(1, 61))
+    assert [r["step"] for r in metrics(lost) if "train/loss" in r] == list(range(1, STEPS + 1))

@@ -176,33 +176,54 @@ def model_states(ckpt, stage: int = 2) -> dict:
         return torch.load(ckpt / "ds" / name, map_location="cpu", weights_only=True)
 
 
+# the ZeRO-2 run: the rule 2i on 2 -> 3 layers ({0: 0, 1: 2}), 8 steps, a checkpoint every 2
+ZERO2_MSE = [
+    "trainer=zero2",
+    "features=mse_2i1",
+    "features.layer_map=2i",
+    "trainer.eval_every=100",
+    "trainer.checkpoint_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def zero2_mse_run(attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
+    """One uninterrupted ZeRO-2 feature run: checked end to end, and the reference the resumed run must
+    reproduce. (run dir, process)"""
+    run_dir = tmp_path_factory.mktemp("features") / "zero2"
+    overrides = tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *ZERO2_MSE, *attached_teacher)
+    return run_dir, run_train(overrides)
+
+
 @pytest.mark.parametrize(
     ("stage", "features"),
     [
-        (2, ["features=mse_2i1", "features.layer_map=2i"]),  # the rule 2i on 2 -> 3 layers: {0: 0, 1: 2}
+        (2, ZERO2_MSE),  # zero2_mse_run
         (
             3,
             [
+                "trainer=zero3",
                 "features=mse_2i1",
                 "features.layer_map='0:0,1:2'",
                 "features.loss=cosine",
                 "features.weight=2.0",
+                "trainer.eval_every=100",
             ],
         ),
     ],
     ids=["zero2-mse", "zero3-cosine"],
 )
-def test_feature_distillation_end_to_end(stage, features, tiny_teacher_dir, tiny_student_dir, tmp_path):
-    run_dir = tmp_path / f"zero{stage}"
-    overrides = tiny_overrides(
-        tiny_teacher_dir,
-        tiny_student_dir,
-        run_dir,
-        f"trainer=zero{stage}",
-        *features,
-        "trainer.eval_every=100",
-    )
-    proc = run_train(overrides)
+def test_feature_distillation_end_to_end(
+    stage, features, request, attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """The runs use the session's teacher pool (attached_teacher): its actors send the hidden states."""
+    if stage == 2:
+        run_dir, proc = request.getfixturevalue("zero2_mse_run")
+    else:
+        run_dir = tmp_path / f"zero{stage}"
+        proc = run_train(
+            tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *features, *attached_teacher)
+        )
     assert proc.returncode == 0
     assert "cannot be detected" not in proc.stderr  # ZeRO-3 finds every tensor of the objective's outputs
 
@@ -243,16 +264,15 @@ def test_feature_distillation_end_to_end(stage, features, tiny_teacher_dir, tiny
             assert not torch.allclose(saved.float(), value, atol=1e-4), f"{key} was not trained"
 
 
-def test_resume_with_features_reproduces_an_uninterrupted_run(tiny_teacher_dir, tiny_student_dir, tmp_path):
-    common = [
-        "features=mse_2i1",
-        "features.layer_map=2i",
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every=2",
-        "trainer.eval_every=100",
-    ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(tiny_overrides(tiny_teacher_dir, tiny_student_dir, straight, *common)).returncode == 0
+def test_resume_with_features_reproduces_an_uninterrupted_run(
+    zero2_mse_run, attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """Stopped at step 3 of 8 and resumed: the weights, feature losses and trained projector of
+    `zero2_mse_run`, the same settings trained without a break."""
+    straight, straight_proc = zero2_mse_run
+    assert straight_proc.returncode == 0
+    resumed = tmp_path / "resumed"
+    common = [*ZERO2_MSE, *attached_teacher]
     first = run_train(
         tiny_overrides(tiny_teacher_dir, tiny_student_dir, resumed, *common, "trainer.stop_at_step=3")
     )
@@ -268,7 +288,7 @@ def test_resume_with_features_reproduces_an_uninterrupted_run(tiny_teacher_dir, 
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
     straight_feature = [r["train/feature"] for r in metrics(straight) if "train/loss" in r]
     resumed_feature = [r["train/feature"] for r in metrics(resumed) if "train/loss" in r]
-    assert len(resumed_feature) == 6 and resumed_feature == pytest.approx(straight_feature, rel=1e-5)
+    assert len(resumed_feature) == 8 and resumed_feature == pytest.approx(straight_feature, rel=1e-5)
     projector_a = model_states(latest(straight / "checkpoints"))["module"]
     projector_b = model_states(latest(resumed / "checkpoints"))["module"]
     for key in PROJECTOR_KEYS:

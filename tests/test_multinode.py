@@ -12,7 +12,8 @@ from test_online import metrics, run_train, tiny_overrides
 def test_stages_and_replicas_on_different_nodes(tiny_teacher_dir, tiny_student_dir, tmp_path):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no actor
+    # the head runs no actor; no dashboard (a web UI nothing here reads: seconds of start-up)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     try:

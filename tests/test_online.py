@@ -69,23 +69,30 @@ def heldout_kl(
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "fp32"), (3, "bf16")])
-def test_online_distillation_end_to_end(stage, precision, tiny_teacher_dir, tiny_student_dir, tmp_path):
-    run_dir = tmp_path / f"zero{stage}-{precision}"
+def online_settings(stage: int, precision: str) -> list[str]:
+    """The end-to-end runs' overrides: 16 steps, evaluated at 0, 8 and 16 (checkpoints every 4: tiny)."""
     logger = ["logger=wandb", "logger.mode=offline"] if stage == 2 else []
-    proc = run_train(
-        tiny_overrides(
-            tiny_teacher_dir,
-            tiny_student_dir,
-            run_dir,
-            f"trainer=zero{stage}",
-            f"trainer.precision={precision}",
-            *logger,
-            "trainer.max_steps=16",
-            "trainer.eval_every=8",
-            "trainer.lr=1e-2",
+    return [
+        f"trainer=zero{stage}",
+        f"trainer.precision={precision}",
+        *logger,
+        "trainer.max_steps=16",
+        "trainer.eval_every=8",
+        "trainer.lr=1e-2",
+    ]
+
+
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "fp32"), (3, "bf16")])
+def test_online_distillation_end_to_end(
+    stage, precision, request, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    if (stage, precision) == (2, "fp32"):  # the session's run (test_resume resumes against it too)
+        run_dir, proc = request.getfixturevalue("zero2_run")
+    else:
+        run_dir = tmp_path / f"zero{stage}-{precision}"
+        proc = run_train(
+            tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *online_settings(stage, precision))
         )
-    )
     assert proc.returncode == 0
     assert "held-out KL(teacher‖student)" in proc.stdout  # the summary table
 
@@ -112,7 +119,9 @@ def test_online_distillation_end_to_end(stage, precision, tiny_teacher_dir, tiny
         assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run written"
 
 
-def test_loss_normalisation_is_invariant_to_the_split(tiny_teacher_dir, tiny_student_dir, tmp_path):
+def test_loss_normalisation_is_invariant_to_the_split(
+    attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
     """One SGD step on the same global batch (8 sequences) gives the same weights however it is split:
     1 rank x 4 accumulation steps == 2 x 2 == 4 x 1. The 2 x 2 run uses the unfused loss (full logits),
     so the fused chunked LM-head loss is checked against it through the whole stack too."""
@@ -135,6 +144,7 @@ def test_loss_normalisation_is_invariant_to_the_split(tiny_teacher_dir, tiny_stu
                 "trainer.micro_batch_size=2",
                 "loss.ce_weight=0.5",
                 f"trainer.fused_loss={ranks != 2}",
+                *attached_teacher,
             )
         )
         assert proc.returncode == 0

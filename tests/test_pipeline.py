@@ -8,7 +8,6 @@ import ray
 import torch
 
 from distill.models import load_causal_lm, tiny_llama
-from distill.teacher import connect_ray
 from distill.teacher.pipeline import PipelineTeacher, split_layers
 
 
@@ -17,13 +16,6 @@ def test_split_layers_is_contiguous_and_balanced():
     assert split_layers(3, 3) == [(0, 1), (1, 2), (2, 3)]
     with pytest.raises(ValueError, match="cannot split 3 layers into 4 stages"):
         split_layers(3, 4)
-
-
-@pytest.fixture(scope="module")
-def ray_runtime():
-    connect_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -408,3 +408,15 @@ def test_a_bad_corpus_is_one_line_naming_the_file(case, tiny_teacher_dir, tiny_s
         "launch.tokenize", [f"source={corpus}", f"out={tmp_path / 'tokens'}", f"tokenizer={tiny_student_dir}"]
     )
     assert_refused(tokenised, *named)  # the tokeniser says the same
+
+
+@pytest.mark.parametrize("module", ["launch.train", "launch.cache", "launch.generate", "launch.tokenize"])
+def test_the_mains_survive_submitits_pickling(module):
+    """Hydra multirun on Slurm (hydra/launcher=slurm) pickles each command's task function with
+    cloudpickle to send it to the job; the error-reporting decorator must not make it unpicklable."""
+    import importlib
+
+    import cloudpickle
+
+    task = importlib.import_module(module).main.__wrapped__  # what @hydra.main hands to the launcher
+    assert cloudpickle.loads(cloudpickle.dumps(task)).__name__ == "main"

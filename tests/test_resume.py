@@ -6,29 +6,30 @@ import shutil
 
 import pytest
 import torch
-from test_online import exported_weights, metrics, run_train, tiny_overrides
+from test_online import exported_weights, metrics, online_settings, run_train, tiny_overrides
 from test_validation import compose_cfg
 
 from distill.student.checkpoint import CheckpointError, latest, list_checkpoints
 from launch.train import prepare
 
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_teacher_dir, tiny_student_dir, tmp_path):
-    common = [
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every=2",
-        "trainer.keep_checkpoints=2",
-        "trainer.eval_every=100",
-    ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(tiny_overrides(tiny_teacher_dir, tiny_student_dir, straight, *common)).returncode == 0
+def test_resume_reproduces_an_uninterrupted_run(
+    zero2_run, attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """Stopped at step 5 of 16 and resumed: the weights and losses of `zero2_run`, the same settings
+    trained without a break (checkpoints every 4 steps, the newest 2 kept; conf/experiment/tiny.yaml).
+    The two jobs use the session's teacher pool, `zero2_run` a teacher of its own: the same top-k."""
+    straight, straight_proc = zero2_run
+    assert straight_proc.returncode == 0
+    common = [*online_settings(2, "fp32"), "trainer.keep_checkpoints=2", *attached_teacher]
+    resumed = tmp_path / "resumed"
 
     first = run_train(
-        tiny_overrides(tiny_teacher_dir, tiny_student_dir, resumed, *common, "trainer.stop_at_step=3")
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, resumed, *common, "trainer.stop_at_step=5")
     )
     assert first.returncode == 0
     assert not (resumed / "student").exists()  # stopped early: nothing exported yet
-    assert [p.name for p in list_checkpoints(resumed / "checkpoints")] == ["step-000002", "step-000003"]
+    assert [p.name for p in list_checkpoints(resumed / "checkpoints")] == ["step-000004", "step-000005"]
 
     second = run_train(
         tiny_overrides(tiny_teacher_dir, tiny_student_dir, resumed, *common, "trainer.resume=latest")
@@ -39,12 +40,12 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_teacher_dir, tiny_student_d
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
     steps = [r["step"] for r in metrics(resumed) if "train/loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]  # every step trained exactly once across the two jobs
+    assert steps == list(range(1, 17))  # every step trained exactly once across the two jobs
     straight_losses = [r["train/loss"] for r in metrics(straight) if "train/loss" in r]
     resumed_losses = [r["train/loss"] for r in metrics(resumed) if "train/loss" in r]
     assert resumed_losses == pytest.approx(straight_losses, rel=1e-5)
     # pruning kept the newest two
-    assert [p.name for p in list_checkpoints(resumed / "checkpoints")] == ["step-000004", "step-000006"]
+    assert [p.name for p in list_checkpoints(resumed / "checkpoints")] == ["step-000012", "step-000016"]
 
     # a corrupt checkpoint is refused before anything starts, never silently replaced by a fresh run
     ckpt = latest(resumed / "checkpoints")
@@ -61,7 +62,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_teacher_dir, tiny_student_d
 
 
 def test_sigterm_without_warning_leaves_the_last_periodic_checkpoint_intact(
-    tiny_teacher_dir, tiny_student_dir, tmp_path
+    attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
     """SIGTERM to the driver and every rank mid-run (what Slurm does at a hard kill): the newest
     checkpoint verifies, and the run resumes from it to the end."""
@@ -76,7 +77,9 @@ def test_sigterm_without_warning_leaves_the_last_periodic_checkpoint_intact(
     from distill.student.checkpoint import verify
 
     run_dir = tmp_path / "run"
-    settings = ["trainer.max_steps=400", "trainer.checkpoint_every=10", "trainer.eval_every=1000"]
+    steps = 60  # seconds of training: the kill lands well before the end (it is sent after step 15)
+    settings = [f"trainer.max_steps={steps}", "trainer.checkpoint_every=5", "trainer.eval_every=1000"]
+    settings += attached_teacher  # the session's teacher pool: only the driver and the ranks are killed
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen(
         [
@@ -91,7 +94,7 @@ def test_sigterm_without_warning_leaves_the_last_periodic_checkpoint_intact(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
-    while latest(run_dir / "checkpoints") is None or latest(run_dir / "checkpoints").name < "step-000030":
+    while latest(run_dir / "checkpoints") is None or latest(run_dir / "checkpoints").name < "step-000015":
         assert driver.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     ranks = subprocess.run(
@@ -103,12 +106,12 @@ def test_sigterm_without_warning_leaves_the_last_periodic_checkpoint_intact(
     newest = latest(run_dir / "checkpoints")
     verify(newest)  # raises if any file of it is missing or corrupt
     stopped_at = int(newest.name.split("-")[1])
-    assert stopped_at < 400
+    assert stopped_at < steps
 
     again = run_train(
         tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *settings, "trainer.resume=latest")
     )
     assert again.returncode == 0
-    steps = [r["step"] for r in metrics(run_dir) if "train/loss" in r]
+    trained = [r["step"] for r in metrics(run_dir) if "train/loss" in r]
     assert (run_dir / "student").is_dir()
-    assert steps[-(400 - stopped_at) :] == list(range(stopped_at + 1, 401))  # resumed right after it
+    assert trained[-(steps - stopped_at) :] == list(range(stopped_at + 1, steps + 1))  # right after it

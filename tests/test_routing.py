@@ -16,7 +16,7 @@ from distill.data.shards import dataset_windows
 from distill.stream import TeacherStream
 from distill.stream.ensemble import mix_full_log_probs, mix_topk
 from distill.stream.routing import EnsembleStream, RoutedTeacherStream
-from distill.teacher import TeacherPool, connect_ray
+from distill.teacher import TeacherPool
 from launch.train import prepare
 
 
@@ -84,11 +84,8 @@ def test_ensemble_equals_float64_reference(weighting, dtype):
 
 
 @pytest.fixture(scope="module")
-def two_pools(tiny_teacher_dir: Path, tiny_student_dir: Path):
+def two_pools(ray_runtime, tiny_teacher_dir: Path, tiny_student_dir: Path):
     """Two different 'teachers' (the tiny teacher and the tiny student model) as real Ray actors."""
-    import ray
-
-    connect_ray(None, num_cpus=2)
     pools = {
         name: TeacherPool.start(f"routing-{name}", str(d), 1, "float32", "sdpa", 1, 0.5, 0)
         for name, d in (("a", tiny_teacher_dir), ("b", tiny_student_dir))
@@ -96,7 +93,6 @@ def two_pools(tiny_teacher_dir: Path, tiny_student_dir: Path):
     yield pools
     for pool in pools.values():
         pool.shutdown()
-    ray.shutdown()
 
 
 def _stream(pool: TeacherPool, prefetch: int = 2) -> TeacherStream:

@@ -159,7 +159,7 @@ def test_filler_is_nan_in_every_format():
 
 
 def test_cached_soft_labels_train_from_the_online_runs_loss(
-    generation, soft_cache, tiny_teacher_dir, tiny_student_dir, tmp_path
+    generation, soft_cache, attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
     """teacher=cached data=completions on the converted cache: its first loss and step-0 evaluation are
     the online run's (live teacher on the same batch), and the loss falls."""
@@ -193,6 +193,7 @@ def test_cached_soft_labels_train_from_the_online_runs_loss(
             "stream.values_dtype=float32",
             "trainer.max_steps=1",
             "trainer.eval_every=1",
+            *attached_teacher,  # the session's float32 teacher pool
         )
     )
     assert proc.returncode == 0
