@@ -195,6 +195,7 @@ def main(run_dir: Path) -> None:
         train.sizes, t.micro_batch_size, t.grad_accum_steps, world, rank, cfg.data.seed, train.weights
     )
 
+    trained_on = checkpoint.data_record(train.digest, cfg.data.seed, t, world)  # each checkpoint records it
     ckpt_root = run_dir / "checkpoints"
     start_step = 0
     resume_from = os.environ.get("DISTILL_RESUME_FROM")
@@ -297,14 +298,16 @@ def main(run_dir: Path) -> None:
             if done % t.eval_every == 0 and done != t.max_steps:
                 run_eval(done)
             if done % t.checkpoint_every == 0 or done == stop or preempted:
-                path = checkpoint.save(engine, ckpt_root, done, {"step": done}, t.keep_checkpoints)
+                state = {"step": done, "data": trained_on}
+                path = checkpoint.save(engine, ckpt_root, done, state, t.keep_checkpoints)
                 if rank == 0:
                     log.info("checkpoint saved: %s", path)
             if preempted:
                 break
         final = run_eval(t.max_steps) if stop == t.max_steps and not preempted else None
     except TeacherStreamError as error:  # raised on every rank at the same point (agreed by all-reduce)
-        stop_without_teacher(engine, ckpt_root, completed, t.keep_checkpoints, error, logger, rank)
+        keep = t.keep_checkpoints
+        stop_without_teacher(engine, ckpt_root, completed, trained_on, keep, error, logger, rank)
     finally:
         if sample_log:
             sample_log.close()
@@ -339,12 +342,14 @@ def open_sample_log(run_dir: Path, rank: int):
     return open(run_dir / "samples" / f"rank{rank}.jsonl", "a", buffering=1)
 
 
-def stop_without_teacher(engine, ckpt_root: Path, step: int, keep: int, error, logger, rank: int) -> None:
+def stop_without_teacher(
+    engine, ckpt_root: Path, step: int, trained_on: dict, keep: int, error, logger, rank: int
+) -> None:
     """No teacher replica is left: keep the progress made (checkpoint the last completed step unless it
     is already saved), say why and how to continue, and exit with TEACHER_LOST_EXIT on every rank."""
     latest = checkpoint.latest(ckpt_root)
     if step > 0 and (latest is None or latest != checkpoint.step_dir(ckpt_root, step)):
-        checkpoint.save(engine, ckpt_root, step, {"step": step}, keep)
+        checkpoint.save(engine, ckpt_root, step, {"step": step, "data": trained_on}, keep)
     if rank == 0:
         log.error(
             "teacher lost: %s. Training stopped after step %d; the checkpoint is in %s. Restore the teacher "

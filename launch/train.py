@@ -95,12 +95,19 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.features.layer_map is not None:
         resolve_layer_map(cfg.features.layer_map, student_dir, teacher_dir)  # every index within both depths
     t = cfg.trainer
+
+    def same_stream(spec: dict) -> None:  # a resume continues the checkpoint's sample stream, or is refused
+        if resume_from is not None:
+            now = checkpoint.data_record(spec["digest"], cfg.data.seed, t, t.num_ranks)
+            checkpoint.check_resume_data(resume_from, now)
+
     prepare_datasets(
         cfg.data,
         student_dir,
         run_dir / "data",
         num_ranks=t.num_ranks,
         global_batch=t.micro_batch_size * t.grad_accum_steps * t.num_ranks,
+        check=same_stream,
     )
     if cfg.teacher.source == "cached":
         check_cache(cfg, run_dir / "data", student_dir, teacher_dir)

@@ -245,6 +245,24 @@ def test_blend_proportions_follow_the_weights_and_small_sources_cycle_epochs():
     assert np.bincount(small, minlength=40).tolist() == [16] * 40
 
 
+@pytest.mark.parametrize("n", [2, 3, 1000, 32_000, 10**12])
+def test_the_small_permutation_path_equals_the_array_path(n, monkeypatch):
+    """A rank permutes a few dozen positions a step in plain Python integers (numpy's per-call cost would
+    dominate); both paths must be the same permutation, value for value, or a resume across the size
+    threshold would train other samples."""
+    from distill.data import sampler
+
+    positions = np.random.default_rng(n).integers(0, n, 40)
+    monkeypatch.setattr(sampler, "SMALL", 10**9)
+    small = sampler.permute(positions, n, key=12345)
+    monkeypatch.setattr(sampler, "SMALL", -1)
+    arrays = sampler.permute(positions, n, key=12345)
+    assert small.dtype == arrays.dtype == np.int64 and (small == arrays).all()
+    if n <= 1000:  # and a permutation of [0, n)
+        monkeypatch.setattr(sampler, "SMALL", 10**9)
+        assert sorted(sampler.permute(np.arange(n), n, key=3).tolist()) == list(range(n))
+
+
 def test_sampler_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         StepSampler(7, 4, 1, 2, 0, seed=0)

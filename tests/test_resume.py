@@ -115,3 +115,51 @@ def test_sigterm_without_warning_leaves_the_last_periodic_checkpoint_intact(
     trained = [r["step"] for r in metrics(run_dir) if "train/loss" in r]
     assert (run_dir / "student").is_dir()
     assert trained[-(steps - stopped_at) :] == list(range(stopped_at + 1, steps + 1))  # right after it
+
+
+def test_a_checkpoint_resumes_only_onto_its_own_sample_stream(
+    zero2_run, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """Each checkpoint records the data digest, sampler seed and batch geometry it trained with. Carried
+    into another run directory (where no config record exists to compare with), it resumes onto the same
+    stream and is refused, before anything is written, onto other data, another seed or global batch."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from test_online import ROOT
+
+    from distill.data import TrainWindows
+    from distill.student.checkpoint import CheckpointError
+
+    straight, straight_proc = zero2_run
+    assert straight_proc.returncode == 0
+    recorded = json.loads((latest(straight / "checkpoints") / "state.json").read_text())["data"]
+    assert recorded == {
+        "digest": TrainWindows(straight / "data").digest,
+        "seed": 0,
+        "micro_batch_size": 4,
+        "grad_accum_steps": 1,
+        "num_ranks": 2,
+        "global_batch": 8,
+        "max_steps": 16,
+    }
+
+    def resume_in_copy(name: str, *changes: str):
+        run_dir = tmp_path / name
+        shutil.copytree(straight / "checkpoints", run_dir / "checkpoints")
+        overrides = tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *online_settings(2, "fp32"))
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, "trainer.resume=latest", *changes])
+        return run_dir, lambda: prepare(cfg, run_dir)
+
+    run_dir, start = resume_in_copy("same")
+    assert start()["resume_from"] == latest(run_dir / "checkpoints")  # the same stream: accepted
+    for name, change, why in [
+        ("other-data", "data.max_train_sequences=256", "the data differs"),
+        ("other-seed", "data.seed=1", "data.seed differs"),
+        ("other-batch", "trainer.micro_batch_size=2", "the global batch"),
+    ]:
+        run_dir, start = resume_in_copy(name, change)
+        with pytest.raises(CheckpointError, match=why):
+            start()
+        assert [p.name for p in run_dir.iterdir()] == ["checkpoints"], "a refused resume wrote files"

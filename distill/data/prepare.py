@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,12 +134,19 @@ def _sources(data_cfg) -> list[dict]:
     ]
 
 
-def prepare_datasets(data_cfg, tokenizer_dir: str, out_dir: Path, num_ranks: int, global_batch: int) -> dict:
+def prepare_datasets(
+    data_cfg,
+    tokenizer_dir: str,
+    out_dir: Path,
+    num_ranks: int,
+    global_batch: int,
+    check: Callable[[dict], None] | None = None,
+) -> dict:
     """Write the run's `dataset.json` and held-out arrays under `out_dir`; returns the dataset spec.
 
     Re-running on an existing run directory (a resume) must find the same data: a changed corpus,
-    tokenizer or data setting is an error instead of silently training on other sequences."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer or data setting is an error instead of silently training on other sequences. `check` sees
+    the spec before anything is written (a resume compares it with its checkpoint's record)."""
     seq_len = data_cfg.seq_len
     if data_cfg.format == "completions":
         entries, heldout = _prepare_completions(data_cfg, tokenizer_dir, out_dir, num_ranks)
@@ -187,6 +195,9 @@ def prepare_datasets(data_cfg, tokenizer_dir: str, out_dir: Path, num_ranks: int
                 f"resumed run must train on the same data (restore the original data settings or use a new "
                 f"run dir)."
             )
+    if check is not None:
+        check(spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, array in heldout.items():
         PackedDataset(array).save(out_dir / f"{name}.npy")
     write_json_atomic(existing, spec)

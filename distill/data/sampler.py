@@ -24,20 +24,29 @@ import numpy as np
 _M64 = (1 << 64) - 1
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_C1, _C2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
 def _mix(x: np.ndarray, key: int) -> np.ndarray:
     """A 64-bit integer hash (splitmix64 finaliser) of the uint64 array x under `key`, elementwise
-    (array arithmetic wraps modulo 2^64 silently, as the hash wants)."""
-    z = x + np.uint64((key * 0x9E3779B97F4A7C15) & _M64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    (array arithmetic wraps modulo 2^64 silently, as the hash wants). In place on one new array: a rank
+    hashes a few dozen values a step, so numpy's per-call overhead, not arithmetic, is the cost."""
+    z = x + np.uint64((key * _GOLDEN) & _M64)
+    z ^= z >> _S30
+    z *= _C1
+    z ^= z >> _S27
+    z *= _C2
+    z ^= z >> _S31
+    return z
 
 
 def _key(*parts: int) -> int:
     """One 64-bit key from several integers (seed, source, epoch, round), in plain Python integers."""
     k = 0
     for p in parts:
-        z = (k ^ (p & _M64)) + 0x9E3779B97F4A7C15 & _M64
+        z = (k ^ (p & _M64)) + _GOLDEN & _M64
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
         k = z ^ (z >> 31)
@@ -55,14 +64,21 @@ def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
     if n <= 1:
         return x.astype(np.int64)
     half = max(1, math.ceil(math.log2(n) / 2))
-    lo_mask = np.uint64((1 << half) - 1)
     keys = [_key(key, r) for r in range(rounds)]
+    if x.size <= SMALL:
+        return _permute_small(x.tolist(), n, half, keys)
+    lo_mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
 
     def feistel(v: np.ndarray) -> np.ndarray:
-        left, right = v >> np.uint64(half), v & lo_mask
+        left, right = v >> shift, v & lo_mask
         for k in keys:
-            left, right = right, left ^ (_mix(right, k) & lo_mask)
-        return (left << np.uint64(half)) | right
+            mixed = _mix(right, k)
+            mixed &= lo_mask
+            mixed ^= left
+            left, right = right, mixed
+        left <<= shift
+        left |= right
+        return left
 
     out = feistel(x)
     outside = out >= np.uint64(n)
@@ -70,6 +86,33 @@ def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
         out[outside] = feistel(out[outside])
         outside = out >= np.uint64(n)
     return out.astype(np.int64)
+
+
+SMALL = 48  # up to this many positions, plain Python integers beat numpy's per-call overhead
+
+
+def _permute_small(positions: list[int], n: int, half: int, keys: list[int]) -> np.ndarray:
+    """`permute` in plain Python integers, value for value the same: a rank permutes a few dozen
+    positions a step, where numpy's fixed cost per operation (a microsecond) dominates."""
+    lo_mask = (1 << half) - 1
+    adds = [(k * _GOLDEN) & _M64 for k in keys]
+
+    def feistel(v: int) -> int:
+        left, right = v >> half, v & lo_mask
+        for add in adds:
+            z = (right + add) & _M64
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+            left, right = right, left ^ ((z ^ (z >> 31)) & lo_mask)
+        return (left << half) | right
+
+    out = []
+    for v in positions:
+        v = feistel(v)
+        while v >= n:  # cycle walking
+            v = feistel(v)
+        out.append(v)
+    return np.asarray(out, dtype=np.int64)
 
 
 class StepSampler:

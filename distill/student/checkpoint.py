@@ -143,6 +143,45 @@ def load_weights(engine, ckpt: Path, optimizer: bool) -> None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt / 'ds'}.")
 
 
+def data_record(digest: str, seed: int, trainer, num_ranks: int) -> dict:
+    """What a checkpoint records of the sample stream it trained on (state.json's "data"): the dataset's
+    digest (dataset.json: shards, caps, weights, seq_len, tokenizer), the sampler's seed and the batch
+    geometry. The sampler draws step s's global batch as a function of (seed, s, global batch) alone."""
+    return {
+        "digest": digest,
+        "seed": int(seed),
+        "micro_batch_size": int(trainer.micro_batch_size),
+        "grad_accum_steps": int(trainer.grad_accum_steps),
+        "num_ranks": int(num_ranks),
+        "global_batch": int(trainer.micro_batch_size * trainer.grad_accum_steps * num_ranks),
+        "max_steps": int(trainer.max_steps),
+    }
+
+
+def check_resume_data(ckpt: Path, now: dict) -> None:
+    """Refuse to resume `ckpt` onto another sample stream (CheckpointError naming what changed), before
+    any compute: other data, another sampler seed or another global batch would continue at a different
+    sample position. Another split of the same global batch, or a longer max_steps, continues exactly
+    (whether they are allowed is the run directory's rule: `trainer.allow_changes`, distill/rundir.py).
+    Checkpoints written before this record existed carry none and are not compared."""
+    recorded = json.loads((ckpt / "state.json").read_text()).get("data")
+    if recorded is None:
+        return
+    why = {
+        "digest": "the data differs (data sources, corpus files, caps, weights, data.seq_len or tokenizer)",
+        "seed": "data.seed differs: the sampler would draw other sequences",
+        "global_batch": "the global batch (micro_batch_size x grad_accum_steps x num_ranks) differs",
+    }
+    changed = [f"{why[k]}: recorded {recorded[k]!r}, now {now[k]!r}" for k in why if recorded[k] != now[k]]
+    if changed:
+        raise CheckpointError(
+            f"{ckpt} was trained on another sample stream than this run would continue: "
+            f"{'; '.join(changed)}. "
+            f"Resume with the data and settings it was trained on, or start a new run (another run_dir, "
+            f"trainer.resume=off). Nothing was changed."
+        )
+
+
 def latest(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
