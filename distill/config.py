@@ -56,6 +56,9 @@ class StudentConfig:
     # `_target_` node returning the student's initial Hugging Face folder
     model: Any = MISSING
     gradient_checkpointing: bool = False
+    # auto = flash_attention_2 when flash-attn is installed, the rank is on CUDA and trainer.precision is
+    # bf16/fp16; sdpa otherwise. Or name one (sdpa, eager, flash_attention_2).
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -94,7 +97,8 @@ class DataConfig:
     # so each token is scored by its source's teacher) and each with its own held-out set
     sources: list[DataSourceConfig] = field(default_factory=list)
     train_sources: list[str] | None = None  # names of `sources` to train on (None: all); all are evaluated
-    format: str = "auto"  # auto | text | jsonl | parquet | completions (prompt + completion, prompt masked)
+    # auto | text | jsonl | parquet | megatron (.bin/.idx pairs) | completions (prompt + completion, masked)
+    format: str = "auto"
     # completions: text (re-tokenise prompt and completion) | generated (the generator's ids, same tokenizer)
     tokens: str = "text"
     text_field: str = "text"
@@ -104,6 +108,9 @@ class DataConfig:
     heldout_sequences: int = 16
     seed: int = 0
     tokenize_workers: int = 1  # processes that tokenise a raw source on first use (launch.tokenize: workers)
+    # attention stays inside each EOS-separated document of a packed window, positions restart per
+    # document (distill/documents.py); student and teacher alike. Ignored for format=completions.
+    document_isolation: bool = True
 
 
 @dataclass
@@ -282,7 +289,7 @@ class GenerateConfig:
 class TokenizeRunConfig:
     """`python -m launch.tokenize`: a corpus in, Megatron-format shards out (distill/data/tokenize.py)."""
 
-    source: str = MISSING  # a folder or file of .txt/.md/.rst/.jsonl/.parquet, or a builtin corpus name
+    source: str = MISSING  # a folder or file of .txt/.md/.rst/.jsonl/.parquet or Megatron .bin/.idx pairs
     out: str = MISSING  # the tokenised dataset's folder; a rerun with the same settings resumes it
     tokenizer: str = MISSING  # a model or tokenizer folder (the student's: its ids are what it trains on)
     format: str = "auto"
@@ -357,7 +364,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("data.heldout_sequences", d.heldout_sequences, 1)
     if not 0 < d.heldout_fraction < 1:
         raise ConfigError(f"data.heldout_fraction={d.heldout_fraction} must be strictly between 0 and 1.")
-    _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet", "completions"))
+    _choice("data.format", d.format, ("auto", "text", "jsonl", "parquet", "megatron", "completions"))
     _choice("data.tokens", d.tokens, ("text", "generated"))
     _at_least("data.tokenize_workers", d.tokenize_workers, 1)
     weights = [s.weight for s in d.sources]
@@ -412,7 +419,7 @@ def validate_cache(cfg: DictConfig) -> None:
 
 def validate_tokenize(cfg: DictConfig) -> None:
     """Checks for `launch.tokenize`."""
-    _choice("format", cfg.format, ("auto", "text", "jsonl", "parquet"))
+    _choice("format", cfg.format, ("auto", "text", "jsonl", "parquet", "megatron"))
     if not 0 <= cfg.heldout_fraction < 1:
         raise ConfigError(f"heldout_fraction={cfg.heldout_fraction} must be in [0, 1).")
     _at_least("shard_bytes", cfg.shard_bytes, 1)

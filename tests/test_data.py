@@ -268,3 +268,63 @@ def test_sampler_refuses_what_cannot_work():
         StepSampler(7, 4, 1, 2, 0, seed=0)
     with pytest.raises(ValueError, match="under one window per global batch"):
         StepSampler([100, 100], 2, 1, 1, 0, seed=0, weights=[0.9, 0.1])
+
+
+def test_a_megatron_corpus_imports_without_retokenising(tmp_path, tiny_tokenizer_dir):
+    """Two pairs written by megatron-core's own builder (preprocess_data.py's writer), one with EOD appended
+    and one without, one document of two sequences: imported as is (EOS ensured), split by a keyed hash of
+    the ids, byte-identical with 1 or 2 workers, readable as training windows; ids outside the given
+    tokenizer's vocabulary are refused with the file named."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*Apex.*")
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    eos = tok.eos_token_id
+    texts = load_documents("pydoc_topics")[:60]
+    corpus = tmp_path / "megatron"
+    corpus.mkdir()
+    expected = {"train": [], "heldout": []}
+    for name, chunk, append_eod in (
+        ("a_text_document", texts[:30], True),
+        ("b_text_document", texts[30:], False),
+    ):
+        builder = IndexedDatasetBuilder(str(corpus / f"{name}.bin"), dtype=np.uint16)
+        for i, text in enumerate(chunk):
+            ids = tok(text, add_special_tokens=False)["input_ids"] + ([eos] if append_eod else [])
+            stored = np.asarray(ids, dtype=np.uint16)
+            halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]] if i == 3 else [ids]  # two sequences
+            for part in halves:
+                builder.add_item(torch.tensor(part, dtype=torch.int64))
+            builder.end_document()
+            split = "heldout" if in_heldout(stored, 0.1, 0) else "train"
+            expected[split] += ids if append_eod else ids + [eos]
+        builder.finalize(str(corpus / f"{name}.idx"))
+
+    spec = TokenizeSpec(str(corpus), str(tiny_tokenizer_dir), heldout_fraction=0.1, shard_bytes=20_000)
+    assert len(plan_pieces(spec)) > 2 and {p["kind"] for p in plan_pieces(spec)} == {"megatron"}
+    one = tokenize(spec, tmp_path / "one", workers=1)
+    assert tokenize(spec, tmp_path / "two", workers=2) == one
+    assert file_bytes(tmp_path / "one") == file_bytes(tmp_path / "two")
+    for split in ("train", "heldout"):
+        got = np.concatenate(
+            [IndexedShard(tmp_path / "one" / s["name"]).tokens for s in one["shards"][split]]
+        )
+        assert got.tolist() == expected[split]
+    assert one["totals"]["heldout"]["documents"] > 0
+    assert one["totals"]["train"]["documents"] + one["totals"]["heldout"]["documents"] == 60
+    check_dataset(tmp_path / "one", one["tokenizer"]["sha256"])
+    windows = dataset_windows(tmp_path / "one", "train", 32)
+    assert (windows.read([0]).ravel() == np.asarray(expected["train"][:32])).all()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    builder = IndexedDatasetBuilder(str(bad / "c.bin"), dtype=np.uint16)
+    builder.add_item(torch.tensor([1, 2, 300]))  # the tiny tokenizer has 256 ids
+    builder.end_document()
+    builder.finalize(str(bad / "c.idx"))
+    with pytest.raises(DataError, match="token id 300 is outside the vocabulary"):
+        tokenize(TokenizeSpec(str(bad), str(tiny_tokenizer_dir)), tmp_path / "bad-out")

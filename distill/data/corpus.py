@@ -19,6 +19,7 @@ _SUFFIX_FORMAT = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
     ".parquet": "parquet",
+    ".idx": "megatron",  # a Megatron `.bin`/`.idx` pair (e.g. from preprocess_data.py), named by its index
 }
 
 
@@ -55,11 +56,13 @@ def corpus_files(path: Path, fmt: str) -> list[Path]:
             f"or a builtin corpus ({', '.join(BUILTIN_CORPORA)})."
         )
     if path.is_file():
-        return [path]
+        return [path.with_suffix(".idx") if path.suffix == ".bin" else path]
     suffixes = [s for s, f in _SUFFIX_FORMAT.items() if fmt in ("auto", f)]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
     if not files:
-        raise DataError(f"no .txt/.jsonl/.parquet files under {path} (data.format={fmt}).")
+        raise DataError(
+            f"no .txt/.jsonl/.parquet files or Megatron .bin/.idx pairs under {path} (data.format={fmt})."
+        )
     return files
 
 
@@ -67,7 +70,7 @@ def file_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     if path.suffix not in _SUFFIX_FORMAT:
-        raise DataError(f"cannot tell the format of {path}; set data.format=text|jsonl|parquet.")
+        raise DataError(f"cannot tell the format of {path}; set data.format=text|jsonl|parquet|megatron.")
     return _SUFFIX_FORMAT[path.suffix]
 
 

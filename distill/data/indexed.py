@@ -106,6 +106,17 @@ class IndexedShard:
         """Every sequence's length, memory-mapped from the index."""
         return np.memmap(self.prefix.with_suffix(".idx"), np.int32, "r", _HEADER, (self.sequences,))
 
+    def pointers(self) -> np.ndarray:
+        """Every sequence's byte offset in `.bin`, memory-mapped from the index."""
+        offset = _HEADER + 4 * self.sequences
+        return np.memmap(self.prefix.with_suffix(".idx"), np.int64, "r", offset, (self.sequences,))
+
+    def document_indices(self) -> np.ndarray:
+        """Megatron's document index: document d is sequences [doc[d], doc[d + 1]) (its first entry 0, its
+        last the sequence count: `documents` - 1 documents), memory-mapped from the index."""
+        offset = _HEADER + 12 * self.sequences
+        return np.memmap(self.prefix.with_suffix(".idx"), np.int64, "r", offset, (self.documents,))
+
     @property
     def tokens(self) -> np.ndarray:
         """The whole token stream as a read-only memory map (no bytes are read until indexed)."""

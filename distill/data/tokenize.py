@@ -14,6 +14,13 @@ A document goes to the held-out split when a keyed hash of its text falls below 
 split needs no global view of the corpus and does not depend on file order or piece boundaries. Each
 document is stored with EOS appended (Megatron's `--append-eod`). Memory per worker: one batch of
 documents and one int32 per document of the current piece.
+
+A corpus already tokenised by Megatron-LM's `preprocess_data.py` (`.bin`/`.idx` pairs, `format=megatron`,
+detected from `.idx` files under `auto`) is imported the same way, without re-tokenising: a piece is a run
+of whole documents of one pair (cut at about `shard_bytes` by binary search in its memory-mapped index),
+each document's ids are checked against the given tokenizer's vocabulary, get EOS unless they end with it,
+and go to the held-out split by a keyed hash of their ids. The import copies the ids once (I/O-bound, no
+tokenizer runs), so the result has the same layout, manifest, checksums and held-out split as any other.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from distill.data.corpus import (
     BUILTIN_CORPORA,
     DataError,
@@ -40,7 +49,7 @@ from distill.data.corpus import (
     parquet_documents,
     parquet_file,
 )
-from distill.data.indexed import ShardWriter, token_dtype
+from distill.data.indexed import IndexedShard, ShardWriter, token_dtype
 from distill.files import sha256_file, tokenizer_hash, write_json_atomic
 
 log = logging.getLogger("distill")
@@ -54,7 +63,7 @@ BATCH_BYTES = 4 << 20  # ... or fewer, once this much text is gathered
 class TokenizeSpec:
     """What a tokenised dataset is made from; every field is recorded in its plan and manifest."""
 
-    source: str  # a folder or file of .txt/.md/.rst/.jsonl/.parquet, or a builtin corpus name
+    source: str  # a folder or file of .txt/.md/.rst/.jsonl/.parquet or Megatron .bin/.idx, or a builtin name
     tokenizer: str  # a Hugging Face model or tokenizer folder
     format: str = "auto"
     text_field: str = "text"
@@ -89,6 +98,8 @@ def plan_pieces(spec: TokenizeSpec) -> list[dict]:
                 pieces.append(
                     {"kind": "jsonl", "file": rel, "start": start, "end": min(start + spec.shard_bytes, size)}
                 )
+        elif fmt == "megatron":
+            pieces += _megatron_pieces(path.with_suffix(""), rel, spec.shard_bytes)
         else:
             pieces += _parquet_pieces(path, rel, spec.shard_bytes)
     if texts:
@@ -110,6 +121,57 @@ def _parquet_pieces(path: Path, rel: str, shard_bytes: int) -> list[dict]:
     return pieces
 
 
+def _megatron_pieces(prefix: Path, rel: str, shard_bytes: int) -> list[dict]:
+    """Runs of whole documents of one Megatron pair, about `shard_bytes` of its `.bin` each, cut by binary
+    search in the memory-mapped index: O(log documents) page reads, never the whole index in memory."""
+    shard = _megatron_shard(prefix)
+    documents = shard.documents - 1
+    pointers, starts = shard.pointers(), shard.document_indices()
+    cuts = [0]
+    for target in range(shard_bytes, shard.num_tokens * shard.dtype.itemsize, shard_bytes):
+        sequence = int(np.searchsorted(pointers, target))  # the first sequence starting at or after it
+        document = int(np.searchsorted(starts, sequence))  # the first document starting at or after that
+        if cuts[-1] < document < documents:
+            cuts.append(document)
+    cuts.append(documents)
+    return [{"kind": "megatron", "file": rel, "documents": [a, b]} for a, b in zip(cuts, cuts[1:])]
+
+
+def _megatron_shard(prefix: Path) -> IndexedShard:
+    """A Megatron pair whose index agrees with its token file (a truncated `.bin` fails here)."""
+    try:
+        shard = IndexedShard(prefix)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{prefix}.bin/.idx: not a readable Megatron indexed dataset ({e}).") from None
+    if shard.sequences == 0 or shard.documents < 2:
+        raise DataError(f"{prefix}.idx holds no documents; drop the empty pair from the corpus.")
+    lengths, pointers, starts = shard.lengths(), shard.pointers(), shard.document_indices()
+    described = (int(pointers[-1]) + int(lengths[-1]) * shard.dtype.itemsize) // shard.dtype.itemsize
+    if described != shard.num_tokens or starts[0] != 0 or starts[-1] != shard.sequences:
+        raise DataError(
+            f"{prefix}.bin holds {shard.num_tokens} ids but its index describes {described} (or its document "
+            f"index is inconsistent): the pair is truncated or mismatched; rewrite it."
+        )
+    return shard
+
+
+def _megatron_bounds(shard: IndexedShard, a: int, b: int) -> np.ndarray:
+    """Token offsets where documents a, a + 1, ..., b start (b: where the last one ends)."""
+    starts = np.array(shard.document_indices()[a : b + 1])
+    last = int(starts[-1])
+    end = int(shard.pointers()[last]) if last < shard.sequences else shard.num_tokens * shard.dtype.itemsize
+    pointers = np.append(np.array(shard.pointers()[starts[0] : last]), end)
+    return pointers[starts - starts[0]] // shard.dtype.itemsize
+
+
+def megatron_documents(prefix: Path, a: int, b: int) -> Iterator[np.ndarray]:
+    """Documents [a, b) of a Megatron pair as id arrays (views of the memory map)."""
+    shard = _megatron_shard(prefix)
+    bounds, tokens = _megatron_bounds(shard, a, b), shard.tokens
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        yield tokens[start:end]
+
+
 def input_bytes(spec: TokenizeSpec, piece: dict) -> int:
     """The input bytes a piece covers (progress and ETA count these before any token exists)."""
     root = Path(spec.source).expanduser()
@@ -117,6 +179,10 @@ def input_bytes(spec: TokenizeSpec, piece: dict) -> int:
         return 1
     if piece["kind"] == "jsonl":
         return piece["end"] - piece["start"]
+    if piece["kind"] == "megatron":
+        shard = IndexedShard(_resolve(root, piece["file"]).with_suffix(""))
+        bounds = _megatron_bounds(shard, *piece["documents"])
+        return int(bounds[-1] - bounds[0]) * shard.dtype.itemsize
     files = piece.get("files") or [piece["file"]]
     return sum(_resolve(root, f).stat().st_size for f in files)
 
@@ -128,8 +194,9 @@ def _resolve(root: Path, rel: str) -> Path:
 # ---- reading one piece: documents as a stream ----
 
 
-def piece_documents(spec: TokenizeSpec, piece: dict) -> Iterator[str]:
-    """The non-empty documents of one piece, in file order, read in bounded batches."""
+def piece_documents(spec: TokenizeSpec, piece: dict) -> Iterator[str | np.ndarray]:
+    """The non-empty documents of one piece, in file order, read in bounded batches: text, or for a
+    Megatron piece id arrays (already tokenised)."""
     root = Path(spec.source).expanduser().resolve()
     kind = piece["kind"]
     if kind == "builtin":
@@ -139,6 +206,9 @@ def piece_documents(spec: TokenizeSpec, piece: dict) -> Iterator[str]:
             text = _resolve(root, rel).read_text(encoding="utf-8", errors="replace")
             if text.strip():
                 yield text
+    elif kind == "megatron":
+        prefix = _resolve(root, piece["file"]).with_suffix("")
+        yield from (d for d in megatron_documents(prefix, *piece["documents"]) if d.size)
     elif kind == "jsonl":
         yield from jsonl_documents(
             _resolve(root, piece["file"]), piece["start"], piece["end"], spec.text_field
@@ -150,11 +220,13 @@ def piece_documents(spec: TokenizeSpec, piece: dict) -> Iterator[str]:
 # ---- one piece -> one shard pair ----
 
 
-def in_heldout(text: str, fraction: float, seed: int) -> bool:
-    """A keyed hash of the text decides: the same document is held out in every run and every piece."""
+def in_heldout(document: str | np.ndarray, fraction: float, seed: int) -> bool:
+    """A keyed hash of the document (its text, or for an already tokenised one its ids' bytes) decides:
+    the same document is held out in every run and every piece."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8, key=str(seed).encode()).digest()
+    data = document.encode("utf-8", "replace") if isinstance(document, str) else document.tobytes()
+    digest = hashlib.blake2b(data, digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
@@ -207,12 +279,15 @@ def tokenize_piece(
     writers = {split: ShardWriter(out / split / name, dtype) for split in SPLITS}
     try:
         for batch in _batches(piece_documents(spec, piece)):
-            encoded = encode(batch)
-            for text, ids in zip(batch, encoded):
-                split = "heldout" if in_heldout(text, spec.heldout_fraction, spec.split_seed) else "train"
-                writers[split].add(ids + [eos])
+            if piece["kind"] == "megatron":  # ids already: checked against the vocabulary, EOS ensured
+                encoded = _with_eos(batch, eos, identity["vocab_size"], spec, piece)
+            else:
+                encoded = [ids + [eos] for ids in encode(batch)]
+            for document, ids in zip(batch, encoded):
+                split = "heldout" if in_heldout(document, spec.heldout_fraction, spec.split_seed) else "train"
+                writers[split].add(ids)
             if progress is not None:
-                progress.put(sum(len(ids) + 1 for ids in encoded))
+                progress.put(sum(len(ids) for ids in encoded))
         for writer in writers.values():
             writer.finish()
     except BaseException:
@@ -230,6 +305,19 @@ def tokenize_piece(
         }
     write_json_atomic(out / "done" / f"{name}.json", record)
     return record
+
+
+def _with_eos(batch: list[np.ndarray], eos: int, vocab: int, spec: TokenizeSpec, piece: dict) -> list:
+    """Megatron documents as stored here: each ends with EOS (appended unless preprocess_data.py's
+    `--append-eod` put it there), every id within the student tokenizer's vocabulary."""
+    top = max(int(d.max()) for d in batch)
+    if top >= vocab:
+        raise DataError(
+            f"{Path(spec.source) / piece['file']}: token id {top} is outside the vocabulary of the tokenizer "
+            f"given ({spec.tokenizer}, {vocab} ids): this corpus was tokenised with another tokenizer; give "
+            f"the one it was made with."
+        )
+    return [d if d[-1] == eos else np.append(d, np.asarray(eos, d.dtype)) for d in batch]
 
 
 # ---- the whole job: plan, workers, progress, manifest ----
