@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 .PHONY: install demo test lint
 
 # torch==2.13.0 is the CPU build on this project's dev/CI machines; on a GPU cluster install your CUDA
-# torch first (any 2.4+) and run `pip install -e '.[dev,gpu]'` instead.
+# torch first (any 2.5+) and run `pip install -e '.[dev,gpu]'` instead.
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'

@@ -109,8 +109,9 @@ class DataConfig:
     seed: int = 0
     tokenize_workers: int = 1  # processes that tokenise a raw source on first use (launch.tokenize: workers)
     # attention stays inside each EOS-separated document of a packed window, positions restart per
-    # document (distill/documents.py); student and teacher alike. Ignored for format=completions.
-    document_isolation: bool = True
+    # document (distill/documents.py); the student and the teachers this run starts alike. Ignored for
+    # format=completions. Off by default until caches and attached pools record it (see validate).
+    document_isolation: bool = False
 
 
 @dataclass
@@ -140,6 +141,9 @@ class TrainerConfig:
     threads_per_rank: int = 1
     seed: int = 0
     dist_backend: str = "auto"  # auto = nccl on GPU, gloo on CPU
+    # GPUs for the student ranks of a local run (one per rank; distill/placement.py): None = one per rank
+    # from those the local teacher pool does not take (CPU when none are left), 0 = CPU
+    gpus: int | None = None
     record_samples: bool = False  # audit trail: samples/rank<r>.jsonl, the sample ids of every micro-batch
     # keys a resumed run may change from its recorded config (RESUME_CHANGES; see distill/rundir.py, README)
     allow_changes: list[str] = field(default_factory=list)
@@ -328,6 +332,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("teacher.model and student.model must be set (pick teacher=... student=...).")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"trainer.zero_stage={t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
+    if cfg.teacher.source == "cached":
+        _isolation_unsupported(cfg, "teacher=cached")
+    elif cfg.teacher.attach:
+        _isolation_unsupported(cfg, f"teacher.attach={cfg.teacher.attach} (a pool another run started)")
     _choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
     _choice("trainer.optimizer", t.optimizer, ("adamw", "sgd"))
     _choice("trainer.resume", str(t.resume), ("off", "latest", "auto"))
@@ -400,8 +408,22 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+def _isolation_unsupported(cfg: DictConfig, teacher: str) -> None:
+    """data.document_isolation=true needs the teacher's side to keep documents apart exactly as the
+    student does; where that cannot be known (a cache, a pool another run started), it is refused rather
+    than letting the student and the teacher see different contexts."""
+    formats = {cfg.data.format, *(source.format for source in cfg.data.sources)}
+    if cfg.data.document_isolation and "completions" not in formats:
+        raise ConfigError(
+            f"data.document_isolation=true with {teacher}: whether that teacher kept packed documents apart "
+            f"is not recorded yet, so the student and the teacher could see different contexts; set "
+            f"data.document_isolation=false, or let the run start its own teachers (teacher=local/smollm2)."
+        )
+
+
 def validate_cache(cfg: DictConfig) -> None:
     """Checks for `launch.cache` (its config has no student or trainer)."""
+    _isolation_unsupported(cfg, "a teacher cache (launch.cache)")
     c = cfg.cache
     if not c.path:
         raise ConfigError("cache.path is not set; give the folder to write the cache to: cache.path=/path.")

@@ -12,9 +12,16 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from distill.dist import host_sum, pack, reduce_sum, to_device
 from distill.stream.client import TeacherStreamError
+
+
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the [B, T, V] log-probs evaluation computes with: float64 on the CPU (the reference
+    results the tests check), float32 on an accelerator, where a float64 copy of the logits would cost
+    twice their memory and run at a fraction of the speed; the per-batch sums are float64 either way."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 def _agreed(teacher_log_probs, batch: np.ndarray) -> np.ndarray:
@@ -24,10 +31,7 @@ def _agreed(teacher_log_probs, batch: np.ndarray) -> np.ndarray:
         answer, error = teacher_log_probs(batch), None
     except TeacherStreamError as e:
         answer, error = None, e
-    failed = torch.tensor([float(error is not None)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(failed)
-    if failed.item():
+    if host_sum([error is not None])[0]:  # a host-side flag: the gloo group, no GPU sync
         raise error or TeacherStreamError("another rank lost the teacher during evaluation")
     return answer
 
@@ -36,7 +40,7 @@ def _counted(mask: np.ndarray | None, start: int, ids: torch.Tensor) -> torch.Te
     """The positions of this micro-batch that count: `mask` rows from `start`, or all of them."""
     if mask is None:
         return torch.ones_like(ids, dtype=torch.bool)
-    return torch.from_numpy(mask[start : start + len(ids)]).to(ids.device, torch.bool)
+    return to_device(torch.from_numpy(mask[start : start + len(ids)]), ids.device).bool()
 
 
 def _label_nll(log_probs: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
@@ -51,24 +55,22 @@ def _summed_over_ranks(
     """Σ of the `n` values of `batch_sums(batch, ids, counted, student_log_probs)` over this rank's
     micro-batches, in float64, all-reduced over ranks (a rank with no sequences adds zeros), with the
     model in eval mode. `student_log_probs()` runs the forward when called, so a teacher can be asked
-    (and the ranks agree on its answer) before the forward."""
+    (and the ranks agree on its answer) before the forward. The sums stay on the model's device and are
+    reduced there (`sum_over_ranks`): one host sync for the whole evaluation."""
     device = next(model.parameters()).device
+    dtype = eval_dtype(device)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(n, dtype=torch.float64)
+    sums = torch.zeros(n, dtype=torch.float64, device=device)
     for start in range(0, len(sequences), micro_batch):
         batch = sequences[start : start + micro_batch]
-        ids = torch.from_numpy(batch.astype(np.int64)).to(device)
+        ids = to_device(torch.from_numpy(batch.astype(np.int64)), device)
 
         def student_log_probs(ids=ids) -> torch.Tensor:
-            return torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)
+            return torch.log_softmax(model(input_ids=ids).logits.to(dtype), dim=-1)
 
-        sums += torch.tensor(
-            [float(x) for x in batch_sums(batch, ids, _counted(mask, start, ids), student_log_probs)],
-            dtype=torch.float64,
-        )
-    if dist.is_initialized():
-        dist.all_reduce(sums)
+        sums += pack(batch_sums(batch, ids, _counted(mask, start, ids), student_log_probs), device)
+    reduce_sum(sums)
     model.train(was_training)
     return sums.tolist()
 
@@ -97,7 +99,8 @@ def evaluate(
     """
 
     def batch_sums(batch, ids, counted, student_log_probs) -> list:
-        log_p = torch.tensor(_agreed(teacher_log_probs, batch), dtype=torch.float64, device=ids.device)
+        answer = torch.from_numpy(np.asarray(_agreed(teacher_log_probs, batch)))
+        log_p = to_device(answer, ids.device).to(eval_dtype(ids.device))
         log_q = student_log_probs()
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)[counted]
         nll = _label_nll(log_q, ids, counted)
@@ -145,13 +148,15 @@ def evaluate_cached(
 
     def batch_sums(batch, ids, counted, student_log_probs) -> list:
         values, indices, target = (
-            torch.from_numpy(np.asarray(x)).to(ids.device) for x in teacher_topk(batch)
+            to_device(torch.from_numpy(np.asarray(x)), ids.device) for x in teacher_topk(batch)
         )
-        log_p, log_q = values.double(), student_log_probs()
+        dtype = eval_dtype(ids.device)
+        log_p, log_q = values.to(dtype), student_log_probs()
         log_q_k = log_q.gather(-1, indices.long())
         p_tail = (1 - log_p.exp().sum(-1)).clamp_min(0)
-        q_tail = (1 - log_q_k.exp().sum(-1)).clamp_min(torch.finfo(torch.float64).tiny)
-        tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-300).log() - q_tail.log()), 0.0)
+        q_tail = (1 - log_q_k.exp().sum(-1)).clamp_min(torch.finfo(dtype).tiny)
+        smallest = 1e-300 if dtype == torch.float64 else torch.finfo(dtype).tiny
+        tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(smallest).log() - q_tail.log()), 0.0)
         kl = ((log_p.exp() * (log_p - log_q_k)).sum(-1) + tail)[counted]
         nll = _label_nll(log_q, ids, counted)
         teacher_nll = -target.double()[counted[:, :-1]]

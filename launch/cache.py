@@ -13,10 +13,12 @@ data serves hard-label (`teacher.source=none`) and soft-label (`teacher=cached`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
@@ -28,12 +30,10 @@ from distill.cache.writer import CacheWriter, fill, hidden_dtype, shard_plan
 from distill.config import ConfigError, build, register_configs, validate_cache
 from distill.data import PackedDataset, TrainWindows
 from distill.data.prepare import prepare_datasets
+from distill.documents import isolation_enabled
 from distill.files import file_sha256, tokenizer_hash
 from distill.models import check_model_folder, load_tokenizer, num_hidden_layers, vocab_size
-from distill.stream import TeacherStream
-from distill.teacher import connect_ray
 from distill.teacher.actor import index_dtype
-from distill.teacher.pool import start_pool
 from distill.tracking import TokenProgress
 from launch.errors import reported_errors
 
@@ -104,13 +104,41 @@ def convert_generation(writer: CacheWriter, data: dict, signals: dict, plan: lis
         writer.write_shard(split, start, shard(arrays[split][start:end], values, ids, target, m["values"]))
 
 
-def write(cfg: DictConfig) -> dict:
-    """Check, prepare the data (into a temporary folder that lives while the cache is written), write."""
+@contextlib.contextmanager
+def ray_teacher_stream(cfg: DictConfig, teacher_dir: Path, hidden_layers: list[int] | None) -> Iterator:
+    """The teacher pool `cfg.teacher` describes (Ray actors), as a stream of top-k replies; shut down after.
+    Ray is imported here only, so writing a cache with an in-process teacher (`write(open_stream=...)`,
+    benchmarks/gpu_check.py) needs no Ray."""
+    from distill.stream import TeacherStream
+    from distill.teacher import connect_ray
+    from distill.teacher.pool import start_pool
+
+    connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
+    isolate = isolation_enabled(cfg.data)
+    pool = start_pool(f"cache-{int(time.time() * 1e3)}", str(teacher_dir), cfg.teacher, isolate)
+    try:
+        yield TeacherStream(
+            pool.actors,
+            cfg.stream.topk,
+            cfg.stream.prefetch,
+            "float32",  # rounded to cache.values_dtype here, exactly as the actor would round
+            cfg.stream.timeout_s,
+            hidden_layers=hidden_layers,
+        )
+    finally:
+        pool.shutdown()
+
+
+def write(cfg: DictConfig, open_stream: Callable | None = None) -> dict:
+    """Check, prepare the data (into a temporary folder that lives while the cache is written), write.
+
+    `open_stream(cfg, teacher_dir, hidden_layers)`: a context manager giving the teacher stream (an object
+    with `stream(batches, input_ids_of)` and `full_log_probs(ids)`, float32 values); default: the Ray pool."""
     with tempfile.TemporaryDirectory(prefix="distill-cache-data-") as data_dir:
-        return _write(cfg, Path(data_dir))
+        return _write(cfg, Path(data_dir), open_stream or ray_teacher_stream)
 
 
-def _write(cfg: DictConfig, data_dir: Path) -> dict:
+def _write(cfg: DictConfig, data_dir: Path, open_stream: Callable = ray_teacher_stream) -> dict:
     validate_cache(cfg)
     cache_dir = Path(cfg.cache.path).expanduser().resolve()
     teacher_dir = Path(build(cfg.teacher.model))
@@ -141,17 +169,8 @@ def _write(cfg: DictConfig, data_dir: Path) -> dict:
     if len(written) < len(plan) and cfg.cache.from_generation:
         convert_generation(writer, data, signals, plan)
     elif len(written) < len(plan):
-        connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
-        pool = start_pool(f"cache-{int(time.time() * 1e3)}", str(teacher_dir), cfg.teacher)
-        try:
-            stream = TeacherStream(
-                pool.actors,
-                cfg.stream.topk,
-                cfg.stream.prefetch,
-                "float32",  # rounded to cache.values_dtype here, exactly as the actor would round
-                cfg.stream.timeout_s,
-                hidden_layers=writer.manifest["hidden"]["layers"] if writer.manifest["hidden"] else None,
-            )
+        layers = writer.manifest["hidden"]["layers"] if writer.manifest["hidden"] else None
+        with open_stream(cfg, teacher_dir, layers) as stream:
             progress = TokenProgress(sum(tokens.values()), done)
             fill(
                 writer,
@@ -161,8 +180,6 @@ def _write(cfg: DictConfig, data_dir: Path) -> dict:
                 cfg.cache.batch_size,
                 progress,
             )
-        finally:
-            pool.shutdown()
     summary = {"cache": str(cache_dir), "shards": len(plan), "tokens": tokens, **writer.finish()}
     print(json.dumps(summary))
     return summary

@@ -38,16 +38,21 @@ from distill.cache import CachedTeacher, CacheError
 from distill.config import load_run_config
 from distill.data import PackedDataset, StepSampler, TrainWindows, sources
 from distill.data.completions import load_position_mask, position_mask
+from distill.dist import host_sum, init_host_group, sum_over_ranks, to_device
+from distill.documents import isolation_enabled
 from distill.eval import evaluate, evaluate_cached, evaluate_student
-from distill.models import load_causal_lm, load_tokenizer
+from distill.losses import metrics_on_device
+from distill.models import load_tokenizer
 from distill.stream import StreamStats, TeacherStream
 from distill.stream.client import TeacherStreamError
 from distill.stream.routing import evaluate_domains, open_routed_stream, source_names
 from distill.student import checkpoint
-from distill.student.engine import build_engine, export_pretrained, init_distributed
+from distill.student.engine import build_engine, export_pretrained, init_distributed, load_student
 from distill.student.objective import StudentObjective, build_projector
-from distill.teacher import TeacherPool, connect_ray
 from distill.tracking import Progress, RunLogger
+
+# No Ray import at module level: a rank of a `teacher=cached` or teacher-less run imports nothing from Ray
+# (tests/test_dist.py), so the student side runs where Ray is not installed; live runs import it below.
 
 log = logging.getLogger("distill")
 PREEMPTED_EXIT = 75  # checkpointed on SIGUSR1 and stopped; the run continues after a requeue
@@ -100,23 +105,25 @@ def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def all_ranks_sum(*values: float) -> list[float]:
-    summed = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(summed)
-    return summed.tolist()
-
-
-def until_teacher_lost(pairs: Iterator) -> Iterator:
-    """(batch, teacher output, None) per micro-batch; if the stream fails, (None, None, error) and stop.
+def whole_steps(pairs: Iterator, grad_accum_steps: int) -> Iterator[tuple[list, Exception | None]]:
+    """The (batch, teacher output) pairs of one optimizer step at a time, as (pairs, None); if the stream
+    fails, (the pairs received so far, error) and stop.
 
     A rank that lost its teacher must not simply raise: the other ranks would wait forever in the next
-    collective. The loop all-reduces the error flag first, so every rank stops at the same micro-batch.
+    collective. The loop all-reduces the error flag once per step, before the step's first forward, so
+    every rank stops at the same step boundary (none has started a step another cannot finish), with one
+    agreement per optimizer step instead of one per micro-batch. The stream keeps `prefetch` requests in
+    flight beyond the pairs taken, so the teacher works on the next step while this one trains.
     """
+    step: list = []
     try:
-        for batch, out in pairs:
-            yield batch, out, None
+        for pair in pairs:
+            step.append(pair)
+            if len(step) == grad_accum_steps:
+                yield step, None
+                step = []
     except TeacherStreamError as e:
-        yield None, None, e
+        yield step, e
 
 
 def main(run_dir: Path) -> None:
@@ -126,6 +133,7 @@ def main(run_dir: Path) -> None:
     models = json.loads((run_dir / "models.json").read_text())
     t = cfg.trainer
     rank, world = init_distributed(t.dist_backend)
+    init_host_group()  # gloo side group for host-side counters (collective: every rank, here)
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank {rank}] %(asctime)s %(message)s",
@@ -139,6 +147,8 @@ def main(run_dir: Path) -> None:
     live = cfg.teacher.source == "live"  # none: no teacher at all, plain cross-entropy
     cached = cfg.teacher.source == "cached"  # the teacher's signals come from a cache: no Ray
     if live:
+        from distill.teacher import connect_ray
+
         pool = teacher_location(run_dir)
         connect_ray(pool["ray_address"] or cfg.ray.address, pool["namespace"])
 
@@ -159,7 +169,8 @@ def main(run_dir: Path) -> None:
         return mask
 
     tokenizer = load_tokenizer(models["student"])
-    model = load_causal_lm(models["student"], dtype="float32")
+    eos = tokenizer.eos_token_id if isolation_enabled(cfg.data) else None  # packed documents kept apart
+    model = load_student(models["student"], t, world, cfg.student.attn_implementation, document_eos=eos)
     if cfg.student.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     projector = build_projector(cfg.features, models["student"], models["teacher"], seed=t.seed)
@@ -171,7 +182,7 @@ def main(run_dir: Path) -> None:
     elif cached:
         stream = CachedTeacher(cfg.cache.path, cfg.stream.topk, hidden_layers=objective.teacher_layers)
         damaged = stream.verify(rank, world)  # each rank hashes its share: every shard once per run
-        if all_ranks_sum(len(damaged))[0]:
+        if host_sum([len(damaged)])[0]:
             where = ", ".join(damaged) if damaged else "found by another rank"
             raise CacheError(
                 f"cache shards of {cfg.cache.path} fail their sha256 checksum ({where}): the files are "
@@ -180,6 +191,8 @@ def main(run_dir: Path) -> None:
     elif not live:
         stream = NoTeacher()
     else:
+        from distill.teacher import TeacherPool
+
         teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas, cfg.teacher.stages)
         stream = TeacherStream(
             teacher.actors,
@@ -231,50 +244,56 @@ def main(run_dir: Path) -> None:
     scale = world * t.grad_accum_steps  # DeepSpeed averages over ranks and accumulation steps; undo it
     micro_batches = ((step, idx) for step in range(start_step, stop) for idx in sampler.micro_batches(step))
     progress = Progress(t.max_steps, start_step, t.log_every)
-    sums: dict[str, float] = {}
+    sums: dict[str, float | torch.Tensor] = {}  # this step's loss and metric sums (float64 on the device)
     preempted = False
     step_start, stats_start, normaliser = time.perf_counter(), stream.stats.copy(), 0.0
     sample_log = open_sample_log(run_dir, rank) if t.record_samples else None
     completed = start_step  # the last optimizer step whose update is in the weights
+
+    def train_one(step: int, micro: int, idx: np.ndarray, teacher_out, normaliser: float) -> None:
+        """Forward, backward and (at the step's last micro-batch) the optimizer step of one micro-batch;
+        its loss and metric sums are added to `sums` without reading them on the host (tensors stay on
+        the device until the step's one reduction)."""
+        ids = to_device(torch.from_numpy(train[idx].astype(np.int64)), device)
+        values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
+        if teacher_out is not None:
+            values, indices = (to_device(x, device) for x in teacher_out.tensors())
+            hidden = {layer: to_device(h, device) for layer, h in teacher_out.hidden_tensors().items()}
+        labels, mask = next_token_labels(ids), to_device(torch.from_numpy(loss_mask(idx)), device)
+        with metrics_on_device():  # the loss's metric sums stay device tensors: no host sync here
+            loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
+        engine.backward(loss * scale)
+        engine.step()
+        if sample_log:  # this micro-batch is in the gradients now
+            record = {"step": step + 1, "micro_batch": micro, "samples": idx.tolist()}
+            sample_log.write(json.dumps(record) + "\n")
+        for key, value in {"loss": loss, **loss_metrics}.items():
+            # float64 like the host sums they replace, so CPU results are unchanged to the last bit
+            value = value.detach().double() if torch.is_tensor(value) else float(value)
+            sums[key] = sums.get(key, 0.0) + value
+
     try:
         if start_step == 0:
             run_eval(0)
-        for i, (batch, teacher_out, lost) in enumerate(
-            until_teacher_lost(stream.stream(micro_batches, lambda mb: train[mb[1]]))
-        ):
-            first = i % t.grad_accum_steps == 0
-            step_tokens = 0  # counted positions of the whole step (this rank), summed over ranks below
-            if first and batch:
-                step_tokens = sum(int(loss_mask(mb).sum()) for mb in sampler.micro_batches(batch[0]))
-            step_tokens, ranks_lost = all_ranks_sum(step_tokens, lost is not None)
+        pairs = stream.stream(micro_batches, lambda mb: train[mb[1]])
+        for step_pairs, lost in whole_steps(pairs, t.grad_accum_steps):
+            # counted positions of the whole step (this rank, from the host-side masks), summed over ranks
+            # with the lost-teacher flag: one host-side agreement per step, no GPU sync
+            step_tokens = sum(int(loss_mask(idx).sum()) for (_, idx), _ in step_pairs) if lost is None else 0
+            normaliser, ranks_lost = host_sum([step_tokens, lost is not None])
             if ranks_lost:
                 raise lost or TeacherStreamError("another rank lost the teacher stream")
-            step, idx = batch
-            if first:
-                normaliser = step_tokens
-            ids = torch.from_numpy(train[idx].astype(np.int64)).to(device)
-            values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
-            if teacher_out is not None:
-                values, indices = (x.to(device) for x in teacher_out.tensors())
-                hidden = {layer: h.to(device) for layer, h in teacher_out.hidden_tensors().items()}
-            labels, mask = next_token_labels(ids), torch.from_numpy(loss_mask(idx)).to(device)
-            loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
-            engine.backward(loss * scale)
-            engine.step()
-            if sample_log:  # this micro-batch is in the gradients now
-                record = {"step": step + 1, "micro_batch": i % t.grad_accum_steps, "samples": idx.tolist()}
-                sample_log.write(json.dumps(record) + "\n")
-            for key, value in {"loss": loss.item(), **loss_metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            if (i + 1) % t.grad_accum_steps:
-                continue
+            step = step_pairs[0][0][0]
+            for micro, ((_, idx), teacher_out) in enumerate(step_pairs):
+                train_one(step, micro, idx, teacher_out, normaliser)
 
             # ---- optimizer step `step` done: log, evaluate, checkpoint ----
             done = completed = step + 1
             elapsed = time.perf_counter() - step_start
             teacher = stream.stats.since(stats_start).as_vector()  # summed over ranks below
             local = [sums.pop("loss"), elapsed, *sums.values(), float(preemption.requested), *teacher]
-            loss_sum, elapsed_sum, *rest = all_ranks_sum(*local)
+            # the step's one collective and one host sync: device sums and host numbers in one tensor
+            loss_sum, elapsed_sum, *rest = sum_over_ranks(local, device).tolist()
             rest, teacher = rest[: -len(teacher)], rest[-len(teacher) :]
             *rest, preempt_votes = rest
             preempted = preempt_votes > 0 and done < stop  # every rank sees the same sum: all stop together

@@ -11,6 +11,7 @@ then run the other steps on their nodes: `launch.teacher`, `launch.student` per 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from distill.cache import CacheError, check_run, read_manifest, row_digests, tok
 from distill.config import ConfigError, build, register_configs, validate
 from distill.data import PackedDataset, TrainWindows
 from distill.data.prepare import prepare_datasets
+from distill.documents import isolation_enabled
 from distill.models import (
     check_model_folder,
     check_same_tokenizer,
@@ -37,6 +39,7 @@ from distill.models import (
     num_hidden_layers,
     vocab_size,
 )
+from distill.placement import GpuSplit, split_gpus, teacher_gpu_demand, visible_gpus
 from distill.rundir import check_start, record_start
 from distill.stream.routing import teacher_configs
 from distill.student import checkpoint
@@ -195,9 +198,18 @@ def free_port() -> int:
 
 
 def launch_ranks(
-    run_dir: Path, num_ranks: int, ray_address: str, run_tag: str, resume_from: Path | None, namespace: str
+    run_dir: Path,
+    num_ranks: int,
+    ray_address: str,
+    run_tag: str,
+    resume_from: Path | None,
+    namespace: str,
+    gpus: GpuSplit | None = None,
 ) -> None:
-    """Start one `launch.student` process per rank; if one fails, stop the others and raise."""
+    """Start one `launch.student` process per rank; if one fails, stop the others and raise.
+
+    `gpus`: this machine's split (`local_gpu_split`); the ranks then see only the students' GPUs (rank r
+    takes the r-th, `LOCAL_RANK`), none when they train on CPU. None (no GPU here): the environment as is."""
     env = {
         **os.environ,
         "WORLD_SIZE": str(num_ranks),
@@ -210,6 +222,8 @@ def launch_ranks(
     }
     if resume_from is not None:
         env["DISTILL_RESUME_FROM"] = str(resume_from)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = GpuSplit.visible(gpus.students)
     PREEMPTION.check(run_dir)
     procs = [
         subprocess.Popen(
@@ -295,13 +309,36 @@ def print_summary(s: dict) -> None:
     print("=" * 64)
 
 
+def local_gpu_split(cfg: DictConfig) -> GpuSplit | None:
+    """This machine's GPUs split between the local teacher pool and the student ranks (distill/placement.py),
+    or None on a machine without GPUs (nothing changes). Teachers on a Ray cluster (`ray.address`) or an
+    attached pool take no local GPU. ConfigError when there are too few GPUs, before anything is computed."""
+    visible = visible_gpus()
+    if not visible:
+        return None
+    local_teachers = cfg.teacher.source == "live" and cfg.ray.address is None and not cfg.teacher.attach
+    named = teacher_configs(cfg) if cfg.teachers else {"teacher": cfg.teacher}
+    demand = teacher_gpu_demand(named) if local_teachers else 0.0
+    split = split_gpus(visible, demand, cfg.trainer.gpus, cfg.trainer.num_ranks)
+    log.info(
+        "GPUs: teachers %s, student ranks %s",
+        GpuSplit.visible(split.teachers) or "none",
+        GpuSplit.visible(split.students) or "none (CPU)",
+    )
+    return split
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = run_dir.resolve()
+    validate(cfg)
+    gpus = local_gpu_split(cfg)  # too few GPUs: refused before the data is prepared or a model loads
     prepared = prepare(cfg, run_dir)
     if cfg.teacher.source in ("none", "cached"):  # no Ray, no teacher: plain cross-entropy, or a cache
-        launch_ranks(run_dir, cfg.trainer.num_ranks, "", "", prepared["resume_from"], cfg.ray.namespace)
+        resume_from = prepared["resume_from"]
+        launch_ranks(run_dir, cfg.trainer.num_ranks, "", "", resume_from, cfg.ray.namespace, gpus)
         return summarize(run_dir)
-    connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus)
+    teacher_gpus = None if gpus is None else gpus.teachers
+    connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus, teacher_gpus)
     import ray
 
     tc = cfg.teacher
@@ -322,6 +359,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             run_tag,
             prepared["resume_from"],
             cfg.ray.namespace,
+            gpus,
         )
     finally:
         if not tc.attach:
@@ -334,14 +372,15 @@ def start_teachers(run_tag: str, prepared: dict, cfg: DictConfig, run_dir: Path)
     actors and processes are listed in `teachers.json` (shutdown waits until they are gone). `prepared`:
     the teacher folders from `prepare` (`models.json`)."""
     check_ray_resources(teacher_configs(cfg) if cfg.teachers else {"teacher": cfg.teacher})
+    isolate = isolation_enabled(cfg.data)  # the teachers see the packed rows' documents as the students do
     if not cfg.teachers:
-        pool = start_pool(run_tag, prepared["teacher"], cfg.teacher)
+        pool = start_pool(run_tag, prepared["teacher"], cfg.teacher, isolate)
         # where each replica (and stage) runs: Ray node ids, devices, layers
         (run_dir / "teacher_pool.json").write_text(json.dumps(pool.info(), indent=1))
         return pool
     tcs = teacher_configs(cfg)
     named = {name: (prepared["teachers"][name], tcs[name]) for name in cfg.teachers}
-    pools = TeacherPools.start(run_tag, named, start_pool)
+    pools = TeacherPools.start(run_tag, named, functools.partial(start_pool, document_isolation=isolate))
     (run_dir / "teachers.json").write_text(json.dumps({"actors": pools.names, "pids": pools.pids()}))
     return pools
 
@@ -359,8 +398,8 @@ def check_ray_resources(named: dict[str, DictConfig]) -> None:
             raise ConfigError(
                 f"the teachers need {sum(asks.values()):g} {resource}s ({detail}; replicas x {per_replica}) "
                 f"but the Ray cluster has {have.get(resource, 0):g}: lower {per_replica} or give Ray more "
-                f"(ray.num_cpus / ray.num_gpus locally; TEACHER_CPUS, GPUS_PER_NODE or more TEACHER_NODES "
-                f"on Slurm)."
+                f"(ray.num_cpus, or the machine's GPUs, locally; TEACHER_CPUS, GPUS_PER_NODE or more "
+                f"TEACHER_NODES on Slurm)."
             )
 
 

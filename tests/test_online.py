@@ -82,7 +82,9 @@ def online_settings(stage: int, precision: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "fp32"), (3, "bf16")])
+# ZeRO-3 in fp32 (partitioned training, gathered export that reloads) is the features test's zero3 run;
+# ZeRO-3 here runs in bf16, the export's dtype and logits checked against the last evaluation
+@pytest.mark.parametrize("stage, precision", [(2, "fp32"), (3, "bf16")])
 def test_online_distillation_end_to_end(
     stage, precision, request, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):

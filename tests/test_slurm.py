@@ -199,7 +199,7 @@ def test_sweep_submits_one_job_per_point(slurm_env, tiny_teacher_dir, tiny_stude
     overrides = [o for o in overrides if not o.startswith("run_dir=")]
     proc = subprocess.run(
         [sys.executable, "-m", "launch.train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}"]
-        + ["loss.temperature=1,2,4", *overrides],
+        + ["loss.temperature=1,4", *overrides],
         cwd=ROOT,
         env=slurm_env,
         capture_output=True,
@@ -207,7 +207,7 @@ def test_sweep_submits_one_job_per_point(slurm_env, tiny_teacher_dir, tiny_stude
         timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for point, temperature in enumerate([1.0, 2.0, 4.0]):
+    for point, temperature in enumerate([1.0, 4.0]):
         run_dir = sweep / str(point)
         assert_trained(run_dir, 8)
         cfg = (run_dir / "config.yaml").read_text()
@@ -215,7 +215,7 @@ def test_sweep_submits_one_job_per_point(slurm_env, tiny_teacher_dir, tiny_stude
         assert "group: sweep-t\n" in cfg and f"name: sweep-t-{point}\n" in cfg  # one W&B group
         assert list((run_dir / "wandb").glob("offline-run-*"))
     job_ids = {p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)}
-    assert len(job_ids) == 3  # one Slurm job (array task <id>_<point>) per point
+    assert len(job_ids) == 2  # one Slurm job (array task <id>_<point>) per point
 
 
 def test_tokenise_as_an_array_job_equals_one_process(slurm_env, tiny_tokenizer_dir, tmp_path):

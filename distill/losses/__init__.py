@@ -6,7 +6,7 @@ Split into modules so each reads top to bottom: `divergences` (the formulas, den
 
 from .divergences import DIVERGENCES, LOG_ZERO, TAILS, dense_divergence, log1mexp, sparse_divergence
 from .features import FEATURE_LOSSES, FeatureProjector, parse_layer_map
-from .kd import IGNORE_INDEX, DistillationLoss, LossOutput
+from .kd import IGNORE_INDEX, DistillationLoss, LossOutput, metrics_on_device
 from .schedule import SCHEDULABLE, SCHEDULE_KINDS, parse_schedule
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "LossOutput",
     "dense_divergence",
     "log1mexp",
+    "metrics_on_device",
     "parse_layer_map",
     "parse_schedule",
     "sparse_divergence",

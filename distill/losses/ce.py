@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .kd import _SUM_KEYS, IGNORE_INDEX, LossOutput, _FusedLinearLoss, check_normaliser
+from .kd import _SUM_KEYS, IGNORE_INDEX, LossOutput, _FusedLinearLoss, check_normaliser, metric_value
 
 _CE, _CE_TOKENS = _SUM_KEYS.index("ce_sum"), _SUM_KEYS.index("ce_tokens")
 
@@ -24,9 +24,14 @@ def _counted(labels: Tensor, mask: Tensor | None) -> Tensor:
     return counted if mask is None else counted & mask.bool()
 
 
-def _output(loss: Tensor, ce_sum: float, tokens: int) -> LossOutput:
-    """Metric sums named like the KD loss's (`ce_sum`, `tokens`), so the training loop logs train/ce."""
-    return LossOutput(loss, {"ce_sum": ce_sum, "tokens": float(tokens)})
+def _output(loss: Tensor, ce_sum: Tensor, tokens: Tensor | int) -> LossOutput:
+    """Metric sums named like the KD loss's (`ce_sum`, `tokens`), so the training loop logs train/ce; floats,
+    or 0-d tensors inside `metrics_on_device` (no host sync)."""
+    if not isinstance(tokens, int):
+        tokens = metric_value(tokens)  # a tensor inside `metrics_on_device`, else an int
+    return LossOutput(
+        loss, {"ce_sum": metric_value(ce_sum), "tokens": tokens if torch.is_tensor(tokens) else float(tokens)}
+    )
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None, normaliser: float) -> LossOutput:
@@ -36,7 +41,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None, normalise
     ce = torch.nn.functional.cross_entropy(
         z.to(torch.promote_types(z.dtype, torch.float32)), labels[counted].long(), reduction="sum"
     )
-    return _output(ce / check_normaliser(normaliser), ce.item(), int(counted.sum()))
+    return _output(ce / check_normaliser(normaliser), ce, counted.sum())
 
 
 def _ce_chunk(logits: Tensor, _values, _idx, labels: Tensor, *, scale: float, need_grad: bool):
@@ -69,4 +74,4 @@ def fused_cross_entropy(
     none = h.new_empty(len(h), 0)  # the fused kernel's teacher inputs: there is no teacher
     chunk_fn = functools.partial(_ce_chunk, scale=1.0 / check_normaliser(normaliser))
     loss, sums = _FusedLinearLoss.apply(h, lm_head_weight, none, none.long(), lab, chunk_fn, chunk_size)
-    return _output(loss, sums[_CE].item(), len(lab))
+    return _output(loss, sums[_CE], len(lab))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kd import LossOutput, check_normaliser
+from .kd import LossOutput, check_normaliser, metric_value
 
 FEATURE_LOSSES = ("mse", "cosine")
 _RULE = re.compile(r"^(?:(\d+)\*?)?i(?:([+-])(\d+))?$")
@@ -166,8 +166,8 @@ class FeatureProjector(nn.Module):
             per_layer[f"{s}->{t}"] = self._token_loss(projected.to(dtype), teacher.to(dtype))
         per_token = torch.stack(list(per_layer.values())).mean(0)
         loss = self.weight * per_token.sum() / normaliser
-        with torch.no_grad():
-            metrics = {"feature_sum": float(per_token.sum()), "tokens": float(tokens)}
+        with torch.no_grad():  # floats, or 0-d tensors inside `metrics_on_device` (no host sync)
+            metrics = {"feature_sum": metric_value(per_token.sum()), "tokens": float(tokens)}
             for name, values in per_layer.items():
-                metrics[f"feature_sum/{name}"] = float(values.sum())
+                metrics[f"feature_sum/{name}"] = metric_value(values.sum())
         return LossOutput(loss=loss, metrics=metrics)

@@ -19,9 +19,11 @@ equally with the KD term.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,28 @@ _SUM_KEYS = (
 )
 
 
+_METRICS_ON_DEVICE = contextvars.ContextVar("distill_metrics_on_device", default=False)
+
+
+@contextlib.contextmanager
+def metrics_on_device(enabled: bool = True) -> Iterator[None]:
+    """Within this block every loss of the library (KD, cross-entropy, features) returns its metric sums as
+    0-d tensors on the loss's device instead of Python floats: the same numbers, but reading them is left
+    to the caller, so a training loop sums them on the device and syncs the host once per optimizer step
+    (launch/student.py) instead of once per micro-batch. Counts that are host integers already (shapes)
+    stay floats."""
+    token = _METRICS_ON_DEVICE.set(enabled)
+    try:
+        yield
+    finally:
+        _METRICS_ON_DEVICE.reset(token)
+
+
+def metric_value(value: Tensor) -> float | Tensor:
+    """A 0-d metric as the caller asked for it (`metrics_on_device`): a detached tensor, or a float."""
+    return value.detach() if _METRICS_ON_DEVICE.get() else value.item()
+
+
 @dataclass
 class LossOutput:
     """`loss` is the scalar to backpropagate; `metrics` are sums over counted tokens (all-reduce, divide).
@@ -60,7 +84,7 @@ class LossOutput:
     Metrics: kd_sum (raw divergence D, no T^2, no weight), ce_sum (CE at T=1 over tokens with a label),
     teacher_topk_mass_sum (sum_k p at T=1), student_mass_on_teacher_topk_sum (student mass on the
     teacher's ids at T=1), top1_match_sum (student argmax == teacher's top-1 id), tokens (counted
-    tokens), ce_tokens (counted tokens with a label).
+    tokens), ce_tokens (counted tokens with a label). Floats, or 0-d tensors inside `metrics_on_device`.
     """
 
     loss: Tensor
@@ -317,7 +341,8 @@ class DistillationLoss:
         return flat_student, values, idx, lab
 
     def _output(self, loss: Tensor, sums: Tensor, tokens: int) -> LossOutput:
-        metrics = dict(zip(_SUM_KEYS, sums.tolist()))
+        values = sums.unbind() if _METRICS_ON_DEVICE.get() else sums.tolist()  # no host sync, or one
+        metrics = dict(zip(_SUM_KEYS, values))
         metrics["tokens"] = float(tokens)
         return LossOutput(loss=loss, metrics=metrics)
 
@@ -464,7 +489,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         owned = not _keep_graph()
         if owned:
             ctx.grads = (None, None)
-        unit = bool(grad_loss == 1)
+        # skip multiplying by 1 where checking is free; on an accelerator the check would sync the host
+        # (multiplying by 1 is exact, so both give the same gradients)
+        unit = grad_loss.device.type == "cpu" and bool(grad_loss == 1)
         if grad_h is not None and not unit:
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:

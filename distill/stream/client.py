@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import ray
 
 from distill.teacher.actor import TeacherOutput
 
@@ -127,6 +126,8 @@ class TeacherStream:
 
     def _receive(self, request: tuple, input_ids: np.ndarray, in_flight: int) -> TeacherOutput:
         """The reply to `request`; a replica that stays dead is dropped and the request sent elsewhere."""
+        import ray  # here, not at module level: routing and cached runs import this module without Ray
+
         request_id, replica, ref = request
         start = time.perf_counter()
         while True:
@@ -172,6 +173,8 @@ class TeacherStream:
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         """Full-vocabulary teacher log-probs (evaluation only), from the first replica still alive."""
+        import ray
+
         while self.replicas:
             try:
                 return ray.get(self.replicas[0].submit_full_log_probs(input_ids), timeout=self.timeout_s)

@@ -53,6 +53,59 @@ def deepspeed_config(t: TrainerConfig, world_size: int) -> dict:
     }
 
 
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_student(
+    path: str,
+    t: TrainerConfig,
+    world_size: int,
+    attn_implementation: str = "auto",
+    document_eos: int | None = None,
+) -> torch.nn.Module:
+    """The student model, ready for `build_engine`, on this rank's accelerator device.
+
+    - Loaded in the training precision (`trainer.precision`): DeepSpeed keeps fp32 master weights in the
+      optimizer for bf16/fp16, so half-precision weights here lose nothing it would not cast away itself.
+    - Attention: `attn_implementation` ("auto": FlashAttention-2 where flash-attn is installed, the device is
+      CUDA and the precision bf16/fp16; sdpa otherwise; distill/models.py).
+    - ZeRO-3 (`trainer.zero_stage=3`): built inside `deepspeed.zero.Init` (through transformers'
+      `HfDeepSpeedConfig`, which also loads the checkpoint shard by shard into the partitioned parameters),
+      so no rank ever holds the whole model: a student larger than one device can start.
+    - `document_eos` (not None): packed documents are kept apart (distill/documents.py).
+    """
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoModelForCausalLM
+
+    from distill.documents import isolate_documents
+    from distill.models import load_causal_lm, resolve_attn_implementation, resolve_model
+
+    device = torch.device(get_accelerator().current_device_name())
+    dtype = _COMPUTE_DTYPES[t.precision]
+    attn = resolve_attn_implementation(attn_implementation, device, dtype)
+    if t.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        folder = resolve_model(path)
+        zero3 = HfDeepSpeedConfig(deepspeed_config(t, world_size))  # noqa: F841 (read through a weakref)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=dtype,
+                attn_implementation=attn,
+                use_safetensors=any(folder.glob("*.safetensors")),
+                local_files_only=True,
+            )
+        finally:  # later from_pretrained calls in this process (none today) must not partition
+            unset_hf_deepspeed_config()
+    else:
+        model = load_causal_lm(path, dtype=dtype, attn_implementation=attn, device=device)
+    if document_eos is not None:
+        isolate_documents(model, document_eos)
+    return model
+
+
 def build_engine(model: torch.nn.Module, t: TrainerConfig, world_size: int, extra_params=()):
     """Wrap `model` (and any extra trainable modules' params) in a DeepSpeed engine."""
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)

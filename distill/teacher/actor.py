@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 import torch
 
 _NUMPY_VALUES = {"float16": np.float16, "float32": np.float32}
@@ -101,29 +100,68 @@ def pack_output(
     )
 
 
+def load_spread(model_dir: str, dtype: str = "auto", attn_implementation: str = "auto"):
+    """The causal LM at `model_dir` with its layers spread over every visible GPU (`device_map="auto"`,
+    balanced by memory), for a replica given several GPUs (`gpus_per_replica` > 1), which would otherwise
+    hold the whole model on the first one. Inputs go to the embedding's device; accelerate's hooks move the
+    activations between GPUs. Not yet run on a GPU (the single-device path is what the tests run)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.models import resolve_attn_implementation, resolve_dtype, resolve_model
+
+    folder, device = resolve_model(model_dir), torch.device("cuda")
+    torch_dtype = resolve_dtype(dtype, device)
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch_dtype,
+        attn_implementation=resolve_attn_implementation(attn_implementation, device, torch_dtype),
+        device_map="auto",
+        use_safetensors=any(folder.glob("*.safetensors")),
+        local_files_only=True,
+    )
+
+
 class TeacherActor:
     """Hosts one teacher replica; wrapped with `ray.remote` by `TeacherPool`."""
 
     def __init__(
-        self, model_dir: str, dtype: str = "auto", attn_implementation: str = "auto", threads: int = 1
+        self,
+        model_dir: str,
+        dtype: str = "auto",
+        attn_implementation: str = "auto",
+        threads: int = 1,
+        document_isolation: bool = False,
     ):
+        """`document_isolation`: score each EOS-separated document of a packed row on its own, as the
+        student trains on it (the pool passes the run's `data.document_isolation`, distill/documents.py);
+        generation is unaffected."""
         import transformers
 
-        from distill.models import load_causal_lm
+        from distill.documents import isolate_documents
+        from distill.models import load_causal_lm, open_tokenizer
 
         transformers.utils.logging.disable_progress_bar()
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_causal_lm(
-            model_dir, dtype=dtype, attn_implementation=attn_implementation, device=self.device
-        )
+        if torch.cuda.device_count() > 1:  # Ray gave this replica several GPUs: spread it over all of them
+            self.model = load_spread(model_dir, dtype, attn_implementation)
+        else:
+            self.model = load_causal_lm(
+                model_dir, dtype=dtype, attn_implementation=attn_implementation, device=self.device
+            )
         self.model.eval()
+        eos = open_tokenizer(model_dir).eos_token_id if document_isolation else None
+        if eos is not None:
+            isolate_documents(self.model, eos)
+        self.document_eos = eos
         self.vocab_size = self.model.config.vocab_size
         self.num_layers = self.model.config.num_hidden_layers
         self.model_dir = model_dir
 
     def info(self) -> dict:
+        import ray  # here, not at module level: TeacherOutput is imported by Ray-free cached runs
+
         return {
             "model_dir": self.model_dir,
             "vocab_size": self.vocab_size,
@@ -131,6 +169,7 @@ class TeacherActor:
             "dtype": str(next(self.model.parameters()).dtype),
             "device": str(self.device),
             "node": ray.get_runtime_context().get_node_id(),
+            "document_eos": self.document_eos,  # None: packed documents attend across boundaries
         }
 
     @torch.no_grad()

@@ -23,6 +23,8 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors import safe_open
 
+from distill.documents import document_position_ids, flash_varlen_kwargs
+from distill.placement import ray_gpu_options
 from distill.teacher.actor import TeacherOutput, pack_output
 
 
@@ -60,10 +62,40 @@ def _load(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[
     return out
 
 
+def layer_devices(num_layers: int, num_gpus: int, default: torch.device) -> list[torch.device]:
+    """The device of each of a stage's `num_layers` layers: contiguous, even blocks over `num_gpus` GPUs
+    (`cuda:0` .. `cuda:<num_gpus - 1>`, the GPUs Ray gave the stage) when it has more than one, else
+    `default` for all of them. Not yet run on a GPU."""
+    if num_gpus <= 1:
+        if default.type == "cuda" and default.index is None:
+            default = torch.device("cuda", 0)  # the index a tensor reports, so devices compare equal
+        return [default] * num_layers
+    return [torch.device("cuda", j * num_gpus // num_layers) for j in range(num_layers)]
+
+
+def _moved(value, device: torch.device):
+    """`value` with every tensor in it (through tuples, lists and dicts) on `device`; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
 class TeacherStage:
     """One pipeline stage; wrapped with `ray.remote` by `PipelineTeacher`."""
 
-    def __init__(self, model_dir: str, start: int, end: int, dtype: str = "auto", threads: int = 1):
+    def __init__(
+        self,
+        model_dir: str,
+        start: int,
+        end: int,
+        dtype: str = "auto",
+        threads: int = 1,
+        document_isolation: bool = False,
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.masking_utils import create_causal_mask
 
@@ -80,6 +112,12 @@ class TeacherStage:
         self.config, self._create_causal_mask = config, create_causal_mask
         self.start, self.end = start, end
         self.first, self.last = start == 0, end == config.num_hidden_layers
+        # stage 0 finds the packed rows' documents (distill/documents.py) and passes their positions on
+        self.document_eos = None
+        if document_isolation and self.first:
+            from distill.models import open_tokenizer
+
+            self.document_eos = open_tokenizer(model_dir).eos_token_id
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         decoder = skeleton.get_decoder()
@@ -96,10 +134,17 @@ class TeacherStage:
         tensors = _load(files, sorted(names | ({"model.embed_tokens.weight"} if tied else set())), self.dtype)
         if tied:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+        # a stage given several GPUs spreads its layers over all of them (embeddings with the first block,
+        # final norm and head with the last); one GPU or the CPU: everything on `self.device`
+        gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        self.layer_devices = layer_devices(end - start, gpus, self.device)
+        placed = {f"model.layers.{i}.": self.layer_devices[i - start] for i in range(start, end)}
+        placed.update({"model.embed_tokens.": self.layer_devices[0]})
+        placed.update({"model.norm.": self.layer_devices[-1], "lm_head.": self.layer_devices[-1]})
         for prefix, module in wanted.items():
             state = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
             module.load_state_dict(state, strict=True, assign=True)
-            module.to(self.device).eval()
+            module.to(placed[prefix]).eval()
         self.layers = [decoder.layers[i] for i in range(start, end)]
         self.embed = decoder.embed_tokens if self.first else None
         self.norm, self.head = (decoder.norm, skeleton.lm_head) if self.last else (None, None)
@@ -132,7 +177,15 @@ class TeacherStage:
             hidden = self.embed(ids)
         else:
             hidden = torch.from_numpy(payload["activations"].copy()).to(self.device, self.dtype)
-        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        if self.first and self.document_eos is not None:
+            payload = {**payload, "position_ids": document_position_ids(ids, self.document_eos).cpu().numpy()}
+        if payload.get("position_ids") is not None:  # packed documents: restarting positions, own-document
+            positions = torch.from_numpy(payload["position_ids"]).to(self.device)  # attention (HF's mask)
+        else:
+            positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        varlen = {}
+        if payload.get("position_ids") is not None and self.config._attn_implementation.startswith("flash"):
+            varlen = flash_varlen_kwargs(positions)
         mask = self._create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,
@@ -144,7 +197,13 @@ class TeacherStage:
         wanted = set(payload.get("hidden_layers") or ())
         collected = dict(payload.get("collected", {}))
         for index, layer in zip(range(self.start, self.end), self.layers):
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+            if hidden.device != (device := self.layer_devices[index - self.start]):  # the next GPU's block
+                hidden, mask, rotary, positions, varlen = _moved(
+                    (hidden, mask, rotary, positions, varlen), device
+                )
+            hidden = layer(
+                hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions, **varlen
+            )
             if index in wanted:  # HF's hidden_states[-1] is taken after the final norm: match it
                 out = self.norm(hidden) if index == self.config.num_hidden_layers - 1 else hidden
                 collected[index] = out.float().cpu().numpy()
@@ -201,6 +260,7 @@ class PipelineTeacher:
         strategy: str = "PACK",
         name: str = "teacher",
         max_restarts: int = 0,
+        document_isolation: bool = False,
     ) -> PipelineTeacher:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         bounds = split_layers(config["num_hidden_layers"], num_stages)
@@ -212,13 +272,13 @@ class PipelineTeacher:
             remote_stage.options(
                 name=f"{name}/stage-{i}",
                 num_cpus=cpus_per_stage,
-                num_gpus=gpus_per_stage,
+                **ray_gpu_options(gpus_per_stage),  # its share of the replica's GPUs, or none visible
                 max_restarts=max_restarts,
                 max_task_retries=-1 if max_restarts else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement, placement_group_bundle_index=i
                 ),
-            ).remote(model_dir, start, end, dtype, threads)
+            ).remote(model_dir, start, end, dtype, threads, document_isolation)
             for i, (start, end) in enumerate(bounds)
         ]
         return cls(stages, placement)

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import ray
 
+from distill.placement import ray_gpu_options
 from distill.teacher.actor import TeacherActor
 from distill.teacher.pipeline import PipelineTeacher
 
 log = logging.getLogger(__name__)
 
 
-def connect_ray(address: str | None, namespace: str = "distill", num_cpus: int | None = None) -> None:
+def connect_ray(
+    address: str | None,
+    namespace: str = "distill",
+    num_cpus: int | None = None,
+    gpus: Sequence[str] | None = None,
+) -> None:
     """Join the Ray cluster at `address`, or start a local one in-process when it is None.
+
+    `gpus` (local runtime only): the GPU ids the teachers may use (`distill.placement.split_gpus`); the
+    runtime is started seeing exactly those (`CUDA_VISIBLE_DEVICES` while it starts, `num_gpus`), so Ray
+    hands the replicas and stages GPUs the student ranks do not have. None: Ray's own detection.
 
     Token authentication (Ray's default) stays on: processes of one user on one machine share the
     token file Ray writes under ~/.ray, and cluster nodes are given it by the launcher.
@@ -23,15 +34,26 @@ def connect_ray(address: str | None, namespace: str = "distill", num_cpus: int |
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address is None:
-        ray.init(
-            address="local",  # a new runtime, never a cluster another process left on this machine
-            namespace=namespace,
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            logging_level="WARNING",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-        )
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if gpus is not None:  # the raylet and its workers inherit the environment ray.init starts them with
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        try:
+            ray.init(
+                address="local",  # a new runtime, never a cluster another process left on this machine
+                namespace=namespace,
+                num_cpus=num_cpus,
+                num_gpus=None if gpus is None else len(gpus),
+                include_dashboard=False,
+                logging_level="WARNING",
+                _node_ip_address="127.0.0.1",
+                log_to_driver=True,
+            )
+        finally:
+            if gpus is not None:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
     else:
         ray.init(address=address, namespace=namespace, logging_level="WARNING", log_to_driver=False)
 
@@ -93,6 +115,7 @@ class TeacherPool:
         stages: int = 1,
         placement_strategy: str = "PACK",
         max_restarts: int = 3,
+        document_isolation: bool = False,
     ) -> TeacherPool:
         if stages > 1:
             pool = cls(
@@ -107,6 +130,7 @@ class TeacherPool:
                         placement_strategy,
                         actor_name(run_tag, i),
                         max_restarts,
+                        document_isolation,
                     )
                     for i in range(replicas)
                 ]
@@ -119,11 +143,11 @@ class TeacherPool:
                         remote_cls.options(
                             name=actor_name(run_tag, i),
                             num_cpus=cpus_per_replica,
-                            num_gpus=gpus_per_replica,
+                            **ray_gpu_options(gpus_per_replica),  # its GPUs, or none visible at all
                             max_concurrency=1,
                             max_restarts=max_restarts,
                             max_task_retries=-1 if max_restarts else 0,
-                        ).remote(model_dir, dtype, attn_implementation, threads)
+                        ).remote(model_dir, dtype, attn_implementation, threads, document_isolation)
                     )
                     for i in range(replicas)
                 ]
@@ -192,8 +216,9 @@ class TeacherPools:
         return [i["pid"] for i in infos if isinstance(i, dict) and "pid" in i]
 
 
-def start_pool(run_tag: str, teacher_dir: str, tc) -> TeacherPool:
-    """A pool of the teacher at `teacher_dir` as the `teacher` config node `tc` describes it."""
+def start_pool(run_tag: str, teacher_dir: str, tc, document_isolation: bool = False) -> TeacherPool:
+    """A pool of the teacher at `teacher_dir` as the `teacher` config node `tc` describes it;
+    `document_isolation`: the run's `isolation_enabled(cfg.data)` (distill/documents.py)."""
     return TeacherPool.start(
         run_tag,
         teacher_dir,
@@ -206,4 +231,5 @@ def start_pool(run_tag: str, teacher_dir: str, tc) -> TeacherPool:
         stages=tc.stages,
         placement_strategy=tc.placement_strategy,
         max_restarts=tc.max_restarts,
+        document_isolation=document_isolation,
     )
