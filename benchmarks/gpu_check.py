@@ -67,6 +67,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from distill.files import sha256_file  # noqa: E402 (stdlib only: no torch, no carried package)
+
 BUNDLE = ROOT / ".gpu_check"
 WORK = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"))
 CARRY_LIMIT = 64 * 2**20
@@ -89,14 +92,6 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # ------------------------------------------------------------------------------------------------------
 # Here, on CPU: the bundle that travels
 # ------------------------------------------------------------------------------------------------------
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def repo_bytes() -> int:
@@ -236,7 +231,7 @@ def provide_gguf(site: Path, gguf_path: str | None) -> None:
         with open(target, "wb") as out:
             for p in parts:
                 out.write(p.read_bytes())
-    if sha256(target) != record["gguf_sha256"]:
+    if sha256_file(target) != record["gguf_sha256"]:
         raise SystemExit(f"{target}: sha256 differs from the one --prepare recorded")
     importlib.invalidate_caches()
 

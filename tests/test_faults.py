@@ -159,7 +159,7 @@ def wait_for_steps(run_dir, proc, n: int, timeout_s: float = 300) -> int:
 
 
 def test_losing_every_replica_checkpoints_then_resume_finishes_the_run(
-    calm_run, tiny_teacher_dir, tiny_student_dir, tmp_path
+    calm_run, attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
     """With no restarts left the run stops with a clear error after checkpointing its last step; a
     rerun with trainer.resume=latest ends with the weights of a run that never lost its teacher."""
@@ -178,8 +178,10 @@ def test_losing_every_replica_checkpoints_then_resume_finishes_the_run(
     assert 5 <= trained[-1] < STEPS
     assert latest(lost / "checkpoints").name == f"step-{trained[-1]:06d}"  # nothing trained is lost
 
-    resumed = run_train(
-        tiny_overrides(tiny_teacher_dir, tiny_student_dir, lost, *no_restarts, "trainer.resume=latest")
+    resumed = run_train(  # on the session's pool: the teacher is back (same model, same top-k)
+        tiny_overrides(
+            tiny_teacher_dir, tiny_student_dir, lost, *no_restarts, "trainer.resume=latest", *attached_teacher
+        )
     )
     assert resumed.returncode == 0
     a, b = exported_weights(calm_run), exported_weights(lost)

@@ -169,23 +169,31 @@ class StepSampler:
         """Global window indices at micro-batch positions `slots` of step `step` (all B when None), in O(len
         (slots)): position j of the step is dealt, by a permutation of [0, B) keyed by (seed, step), the j'-th
         window of the step's by-source list, i.e. one of source k's stream positions [C_k(s), C_k(s+1))."""
-        start, end = self.source_counts(step), self.source_counts(step + 1)
-        before = np.concatenate([[0], np.cumsum(end - start)])
         slots = np.arange(self.global_batch) if slots is None else np.asarray(slots, dtype=np.int64)
         dealt = permute(slots, self.global_batch, _key(self.seed, step, 0x5EED))
+        if len(self.sizes) == 1:  # one source: C(s) = B s, so the stream positions are B s + the dealt slot
+            return self._stream_windows(0, step * self.global_batch + dealt)
+        start, end = self.source_counts(step), self.source_counts(step + 1)
+        before = np.concatenate([[0], np.cumsum(end - start)])
         source = np.searchsorted(before, dealt, side="right") - 1
         out = np.empty(len(slots), dtype=np.int64)
         for k in np.unique(source):
             sel = source == k
-            position = start[k] + dealt[sel] - before[k]  # in source k's endless stream
-            n = self.sizes[k]
-            epoch, within = position // n, position % n
-            local = np.empty_like(position)
-            for e in np.unique(epoch):
-                in_epoch = epoch == e
-                local[in_epoch] = permute(within[in_epoch], n, _key(self.seed, int(k), int(e)))
-            out[sel] = local + self.offsets[k]
+            out[sel] = self._stream_windows(int(k), start[k] + dealt[sel] - before[k])
         return out
+
+    def _stream_windows(self, k: int, position: np.ndarray) -> np.ndarray:
+        """Global indices of positions `position` of source k's endless stream: epoch e is a permutation of
+        the source's windows keyed by (seed, k, e)."""
+        n = self.sizes[k]
+        epoch, within = position // n, position % n
+        if epoch.min() == epoch.max():  # the usual case: the step lies inside one epoch
+            return permute(within, n, _key(self.seed, k, int(epoch[0]))) + self.offsets[k]
+        local = np.empty_like(position)
+        for e in np.unique(epoch):
+            in_epoch = epoch == e
+            local[in_epoch] = permute(within[in_epoch], n, _key(self.seed, k, int(e)))
+        return local + self.offsets[k]
 
     def micro_batches(self, step: int) -> list[np.ndarray]:
         """Global indices of this rank's `grad_accum` micro-batches for optimizer step `step` (0-based)."""

@@ -10,7 +10,6 @@ and an allowlist of the few DeepSpeed classes they contain, never with arbitrary
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,8 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from safetensors.torch import load_file, save_file
+
+from distill.files import sha256_file
 
 _DS_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -53,17 +54,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_manifest(ckpt: Path) -> None:
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {str(p.relative_to(ckpt)): _sha256(p) for p in files}
+    manifest = {str(p.relative_to(ckpt)): sha256_file(p) for p in files}
     (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
@@ -82,7 +75,7 @@ def verify(ckpt: Path) -> None:
             raise CheckpointError(
                 f"checkpoint {ckpt} is missing {rel}; resume from an older one or start over."
             )
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(
                 f"checkpoint file {path} fails its checksum (corrupt or modified); resume from an older "
                 f"checkpoint (delete this one) or start over with trainer.resume=off and a new run dir."
