@@ -3,8 +3,8 @@
 Training windows are cut from EOS-separated documents (distill/data/shards.py), so one window holds the
 end of one document, whole documents and the start of another. Left alone, every token attends to the
 documents before it in the window, which it would never see at inference, and its rotary position counts
-from the window start rather than its document's start. With `data.document_isolation` (default on for
-plain text) every model forward on packed rows — the student's training and evaluation forwards, and the
+from the window start rather than its document's start. With `data.document_isolation` (opt-in; plain
+text only) every model forward on packed rows — the student's training and evaluation forwards, and the
 teacher's scoring of the same rows — gets:
 
 - **position ids that restart at 0 for each document**; the boundary rule: token t starts a new document

@@ -44,8 +44,6 @@ from distill.rundir import check_start, record_start
 from distill.stream.routing import teacher_configs
 from distill.student import checkpoint
 from distill.student.objective import resolve_layer_map
-from distill.teacher import TeacherPool, connect_ray
-from distill.teacher.pool import TeacherPools, start_pool
 from launch.curriculum import run_curriculum
 from launch.errors import fail, reported_errors, show_traceback
 from launch.preemption import PREEMPTION, Preempted, checkpointed_step
@@ -337,6 +335,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         resume_from = prepared["resume_from"]
         launch_ranks(run_dir, cfg.trainer.num_ranks, "", "", resume_from, cfg.ray.namespace, gpus)
         return summarize(run_dir)
+    # Ray only from here on: a cached or teacher-less run never imports it (the GPU check runs where it
+    # is not installed)
+    from distill.teacher.pool import TeacherPool, connect_ray
+
     teacher_gpus = None if gpus is None else gpus.teachers
     connect_ray(cfg.ray.address, cfg.ray.namespace, cfg.ray.num_cpus, teacher_gpus)
     import ray
@@ -371,6 +373,8 @@ def start_teachers(run_tag: str, prepared: dict, cfg: DictConfig, run_dir: Path)
     """The run's teacher pool, or with `teachers:` one pool per named teacher (`<run tag>.<name>`), whose
     actors and processes are listed in `teachers.json` (shutdown waits until they are gone). `prepared`:
     the teacher folders from `prepare` (`models.json`)."""
+    from distill.teacher.pool import TeacherPools, start_pool
+
     check_ray_resources(teacher_configs(cfg) if cfg.teachers else {"teacher": cfg.teacher})
     isolate = isolation_enabled(cfg.data)  # the teachers see the packed rows' documents as the students do
     if not cfg.teachers:

@@ -115,9 +115,10 @@ def test_a_lost_teacher_is_agreed_on_once_per_step():
 
 
 def test_rank_and_cached_teacher_import_no_ray():
-    """teacher=cached / teacher.source=none: the rank module and the cache reader import nothing from Ray."""
+    """teacher=cached / teacher.source=none: the driver, the rank module and the cache reader import
+    nothing from Ray (the GPU check runs `launch.train teacher=cached` where Ray is not installed)."""
     code = (
-        "import sys, launch.student, distill.cache\n"
+        "import sys, launch.train, launch.student, distill.cache\n"
         "from distill.cache import CachedTeacher\n"
         "from distill.stream.routing import RoutedTeacherStream\n"
         "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'\n"
