@@ -1,13 +1,14 @@
 """The GPU check of issue #14: one command on one H100/H200 that prints one JSON object.
 
-Status: NOT YET RUN ON A GPU. Everything below the GPU line has only been rehearsed on CPU (`--dry-run`).
+Status: run on one NVIDIA H200 on 2026-12-01 (torch 2.11.0+cu130, transformers 5.17.0, no flash-attn: sdpa);
+its JSON is benchmarks/results/gpu_check_h200_2026-12-01.json and the README's "GPU check" section.
 
 What it checks and measures (`python benchmarks/gpu_check.py` on the GPU machine, after the set-up below):
   (a) the real teacher, SmolLM2-135M-Instruct, forward in bf16 on the GPU against fp32 on the CPU, on packed
       pydoc windows with documents kept apart (distill/documents.py): top-1 agreement, top-64 overlap, the
       KL(cpu fp32 ‖ gpu bf16) per token; and document isolation on the GPU (a packed row against each document
       run alone, with the attention kernel the teacher uses: FlashAttention-2 varlen if flash-attn is
-      installed, else sdpa with the block-diagonal mask);
+      installed, else sdpa with the block-diagonal mask), in bf16, in fp32, and without isolation for contrast;
   (b) a `teacher=cached` student run through the real `python -m launch.train` (DeepSpeed ZeRO-2, NCCL, world
       size 1, bf16, flash attention or sdpa, fused loss; conf/trainer/zero2_gpu.yaml): the loss falls, the
       exported student reloads with `AutoModelForCausalLM.from_pretrained` and runs;
@@ -25,7 +26,9 @@ flash-attn, and no network. So:
     over the 64 MiB a call may carry; xz gets the GGUF itself nowhere near under it). So the GGUF goes in
     two halves, in two calls back to back (the machine stays warm 30 s after a call; files written outside
     the repo stay while it is warm):
-        call 1: carry [".gpu_check/gguf.part0"], command `python3 benchmarks/gpu_check.py --stage-gguf`
+        call 1: carry [".gpu_check/gguf.part0", ".gpu_check/site.tar.gz", ".gpu_check/wheels"],
+                command `python3 benchmarks/gpu_check.py --stage-gguf` (also probes: the carried packages
+                import, NCCL initialises)
         call 2: carry [".gpu_check/gguf.part1", ".gpu_check/site.tar.gz", ".gpu_check/wheels"],
                 command `PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json`
     `--stage-gguf` copies whatever halves it finds into /tmp/gpu_check; the check joins them and verifies the
@@ -53,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -116,6 +120,7 @@ def prepare() -> dict:
     for i, part in enumerate((data[:half], data[half:])):
         (BUNDLE / f"gguf.part{i}").write_bytes(part)
     site = BUNDLE / "site.tar.gz"
+    owners, dist_info = importlib.metadata.packages_distributions(), {}
     with tarfile.open(site, "w:gz") as tar:
         for name in PURE_PACKAGES:
             spec = importlib.util.find_spec(name)
@@ -123,6 +128,10 @@ def prepare() -> dict:
                 raise SystemExit(f"package {name} is not installed here; install it, then rerun --prepare")
             folder = Path(spec.submodule_search_locations[0])
             tar.add(folder, arcname=name, filter=lambda t: None if "__pycache__" in t.name else t)
+            # its metadata too: libraries read versions (transformers: gguf's) through importlib.metadata
+            info = Path(importlib.metadata.distribution(owners[name][0])._path)  # type: ignore[attr-defined]
+            tar.add(info, arcname=info.name)
+            dist_info[name] = info.name
     wheels = BUNDLE / "wheels"
     wheels.mkdir(exist_ok=True)
     for module, dist in COMPILED.items():
@@ -141,16 +150,15 @@ def prepare() -> dict:
         "gguf_name": gguf.name,
         "gguf_sha256": hashlib.sha256(data).hexdigest(),
         "gguf_bytes": len(data),
+        "dist_info": dist_info,
     }
     (BUNDLE / "bundle.json").write_text(json.dumps(record, indent=1))
     base = repo_bytes()
     size = {p.name: p.stat().st_size for p in BUNDLE.rglob("*") if p.is_file()}
+    wheel_bytes = sum(v for k, v in size.items() if k.endswith(".whl"))
     calls = {
-        "call1": base + size["gguf.part0"],
-        "call2": base
-        + size["gguf.part1"]
-        + size["site.tar.gz"]
-        + sum(v for k, v in size.items() if k.endswith(".whl")),
+        "call1": base + size["gguf.part0"] + size["site.tar.gz"] + wheel_bytes,
+        "call2": base + size["gguf.part1"] + size["site.tar.gz"] + wheel_bytes,
     }
     for call, total in calls.items():
         if total > CARRY_LIMIT:
@@ -184,8 +192,10 @@ def install_site() -> Path:
     site.mkdir(parents=True, exist_ok=True)
     missing = [n for n in PURE_PACKAGES + tuple(COMPILED) if importlib.util.find_spec(n) is None]
     if missing:
+        dist_info = json.loads((BUNDLE / "bundle.json").read_text()).get("dist_info", {})
+        wanted = set(missing) | {dist_info[n] for n in missing if n in dist_info}
         with tarfile.open(BUNDLE / "site.tar.gz") as tar:
-            members = [m for m in tar.getmembers() if m.name.split("/")[0] in missing]
+            members = [m for m in tar.getmembers() if m.name.split("/")[0] in wanted]
             tar.extractall(site, members=members, filter="data")
         for wheel in (BUNDLE / "wheels").glob("*.whl"):
             if wheel.name.split("-")[0] in missing:
@@ -278,14 +288,25 @@ def teacher_agreement(teacher_dir: Path, device, dtype, rows: int, seq_len: int)
         kl = (reference.exp() * (reference - test)).sum(-1)
         top1_gap = (reference.gather(-1, ref_top[..., :1]) - test.gather(-1, ref_top[..., :1])).abs()
         # isolation on this device: the documents of the row holding the most, alone vs inside the packed row
-        row = ids[int(document_starts(ids, eos).sum(1).argmax())]
+        index = int(document_starts(ids, eos).sum(1).argmax())
+        row = ids[index]
         starts = document_starts(row[None], eos)[0].nonzero().view(-1).tolist() + [len(row)]
-        alone = torch.cat(
-            [
-                torch.log_softmax(model(input_ids=row[a:b][None].to(device)).logits.float(), -1)[0].cpu()
-                for a, b in zip(starts, starts[1:])
-            ]
-        )
+        isolation = {"documents_in_row": len(starts) - 1}
+        del model
+        # the same row in the run's dtype and in fp32 (exact up to kernel rounding), and without isolation
+        # (what packing costs when documents see each other): each against its documents run alone
+        for name, run_dtype, isolate in (
+            ("", dtype, True),
+            ("fp32_", torch.float32, True),
+            ("not_isolated_", dtype, False),
+        ):
+            plain = load_causal_lm(teacher_dir, dtype=run_dtype, device=device).eval()
+            alone = torch.cat([log_probs(plain, row[a:b], device) for a, b in zip(starts, starts[1:])])
+            packed = log_probs(isolate_documents(plain, eos) if isolate else plain, row, device)
+            isolation[f"{name}packed_vs_alone_logprob_abs_diff_max"] = float((packed - alone).abs().max())
+            agree = (packed.argmax(-1) == alone.argmax(-1)).float().mean()
+            isolation[f"{name}packed_vs_alone_top1_agreement"] = float(agree)
+            del plain
     return {
         "rows": rows,
         "seq_len": seq_len,
@@ -296,12 +317,15 @@ def teacher_agreement(teacher_dir: Path, device, dtype, rows: int, seq_len: int)
         "kl_fp32_vs_test_mean": float(kl.mean()),
         "kl_fp32_vs_test_max": float(kl.max()),
         "top1_logprob_abs_diff_max": float(top1_gap.max()),
-        "isolation": {
-            "documents_in_row": len(starts) - 1,
-            "packed_vs_alone_logprob_abs_diff_max": float((test[0] - alone).abs().max()),
-            "packed_vs_alone_top1_agreement": float((test[0].argmax(-1) == alone.argmax(-1)).float().mean()),
-        },
+        "isolation": isolation,
     }
+
+
+def log_probs(model, ids, device):
+    """Log-probabilities of one row, in fp32 on the host."""
+    import torch
+
+    return torch.log_softmax(model(input_ids=ids[None].to(device)).logits.float(), -1)[0].cpu()
 
 
 class InProcessTeacher:
@@ -472,6 +496,43 @@ def model_flops_per_token(student_dir: Path, seq_len: int) -> float:
     return 6 * matmul + 6 * layers * seq_len * d
 
 
+def attempt(check, *args) -> dict:
+    """Run one part of the check; a failure is recorded in the JSON (with its traceback's tail) and the
+    remaining parts still run, so one device call reports everything it can."""
+    try:
+        return check(*args)
+    except BaseException as error:  # noqa: BLE001 (SystemExit and timeouts too: the JSON must come out)
+        import traceback
+
+        return {"error": repr(error), "traceback_tail": traceback.format_exc()[-3000:]}
+
+
+def probe() -> dict:
+    """Device call 1: the carried packages import and NCCL initialises (world size 1), before call 2."""
+    out: dict = {}
+    install_site()
+    for name in ("deepspeed", "hydra", "omegaconf", "pydantic", "gguf"):
+        try:
+            module = importlib.import_module(name)
+            out[name] = getattr(module, "__version__", "ok")
+        except Exception as error:  # noqa: BLE001 (reported, not raised: this is a probe)
+            out[name] = f"FAILED: {error!r}"
+    import torch
+    import torch.distributed as torch_dist
+
+    out["torch"] = torch.__version__
+    out["cuda"] = torch.cuda.is_available() and torch.cuda.get_device_name()
+    if torch.cuda.is_available():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+        torch_dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
+        x = torch.ones(4, device="cuda")
+        torch_dist.all_reduce(x)
+        out["nccl_all_reduce"] = float(x.sum())
+        torch_dist.destroy_process_group()
+    out["flash_attn"] = importlib.util.find_spec("flash_attn") is not None
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", action="store_true", help="CPU, here: build .gpu_check/ and stop")
@@ -489,7 +550,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.stage_gguf:
-        print(json.dumps(stage_gguf()))
+        print(json.dumps({**stage_gguf(), "probe": attempt(probe)}, indent=1))
         return
     result: dict = {"issue": 14, "status": "not yet run on a GPU"}
     if args.prepare or args.dry_run:
@@ -529,7 +590,8 @@ def main() -> None:
 
     seq_len, steps, micro = (128, 3, 2) if dry else (args.seq_len, args.steps, args.micro_batch)
     rows = 2 if dry else 8
-    result["teacher_agreement"] = teacher_agreement(teacher_dir, device, getattr(torch, dtype), rows, seq_len)
+    agreement = attempt(teacher_agreement, teacher_dir, device, getattr(torch, dtype), rows, seq_len)
+    result["teacher_agreement"] = agreement
 
     cache_dir = WORK / "cache-dry" if dry else WORK / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -540,7 +602,7 @@ def main() -> None:
         f"data.max_train_sequences={train_rows}",
         f"data.heldout_sequences={4 if dry else 32}",
     ]
-    result["teacher"] = write_cache(data, cache_dir, dtype)
+    result["teacher"] = attempt(write_cache, data, cache_dir, dtype)
 
     trainer = "zero2_gpu" if gpu else "zero2"
     run_dir = WORK / ("run-dry" if dry else "run")
@@ -559,8 +621,8 @@ def main() -> None:
         "logger=none",
         *data,
     ]
-    result["student"] = student = train_student(overrides, run_dir, 420 if gpu else 1800)
-    if student.get("returncode") == 0:
+    result["student"] = student = attempt(train_student, overrides, run_dir, 420 if gpu else 1800)
+    if student.get("returncode") == 0 and "error" not in result["teacher"]:
         student_dir = student_from_teacher("smollm2-135m-instruct", [0, 29])
         flops = model_flops_per_token(Path(student_dir), seq_len)
         peak = (
@@ -576,7 +638,8 @@ def main() -> None:
         if gpu and peak:
             result["teacher"]["mfu"] = teacher_flops * result["teacher"]["tokens_per_s"] / peak
     ok = student.get("loss_falls") and student.get("export", {}).get("finite")
-    result["ok"] = bool(ok) and math.isfinite(result["teacher_agreement"]["kl_fp32_vs_test_mean"])
+    kl = result["teacher_agreement"].get("kl_fp32_vs_test_mean", math.nan)
+    result["ok"] = bool(ok) and math.isfinite(kl)
     text = json.dumps(result, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)
