@@ -41,7 +41,7 @@ from distill.data.completions import load_position_mask, position_mask
 from distill.dist import host_sum, init_host_group, sum_over_ranks, to_device
 from distill.documents import isolation_enabled
 from distill.eval import evaluate, evaluate_cached, evaluate_student
-from distill.losses import metrics_on_device
+from distill.losses import check_teacher_indices, metrics_on_device
 from distill.models import load_tokenizer
 from distill.stream import StreamStats, TeacherStream
 from distill.stream.client import TeacherStreamError
@@ -171,6 +171,7 @@ def main(run_dir: Path) -> None:
     tokenizer = load_tokenizer(models["student"])
     eos = tokenizer.eos_token_id if isolation_enabled(cfg.data) else None  # packed documents kept apart
     model = load_student(models["student"], t, world, cfg.student.attn_implementation, document_eos=eos)
+    vocab = model.config.vocab_size  # teacher ids must index it (checked per reply, on the host)
     if cfg.student.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     projector = build_projector(cfg.features, models["student"], models["teacher"], seed=t.seed)
@@ -257,9 +258,12 @@ def main(run_dir: Path) -> None:
         ids = to_device(torch.from_numpy(train[idx].astype(np.int64)), device)
         values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
         if teacher_out is not None:
-            values, indices = (to_device(x, device) for x in teacher_out.tensors())
+            values, indices = teacher_out.tensors()
+            check_teacher_indices(indices, vocab)  # on the host, before the copy: no device sync
+            values, indices = to_device(values, device), to_device(indices, device)
             hidden = {layer: to_device(h, device) for layer, h in teacher_out.hidden_tensors().items()}
-        labels, mask = next_token_labels(ids), to_device(torch.from_numpy(loss_mask(idx)), device)
+        # the mask stays on the host: the losses select its rows without waiting for the device
+        labels, mask = next_token_labels(ids), torch.from_numpy(loss_mask(idx))
         with metrics_on_device():  # the loss's metric sums stay device tensors: no host sync here
             loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
         engine.backward(loss * scale)

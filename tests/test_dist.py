@@ -201,9 +201,56 @@ def test_loss_metrics_stay_on_the_device_with_the_same_numbers():
         assert as_floats.keys() == on_device.keys(), name
         for key, value in on_device.items():
             assert isinstance(as_floats[key], float), (name, key)
-            if key != "tokens" or name in ("ce",):  # the others count tokens from shapes: host ints
+            if key != "tokens" or name in ("ce", "fused_ce"):  # the others count rows: host ints
                 assert torch.is_tensor(value) and value.device == hidden.device, (name, key)
             assert float(value) == as_floats[key], (name, key)  # the very same number
+
+
+def test_a_micro_batch_never_waits_for_the_device():
+    """The rank loop's losses, forward and backward, with every tensor on the meta device (no data: any
+    read of a value on the host, `.item()`, `bool()`, a boolean selection, fails) except the loss mask,
+    which the loop keeps on the host: the whole micro-batch runs, so it queues on an accelerator without
+    one host sync (the step's one sync is the reduction after the last micro-batch). The old code
+    selected masked rows with a device mask and range-checked the teacher's ids on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.losses import DistillationLoss, FeatureProjector, metrics_on_device
+    from distill.losses.ce import cross_entropy, fused_cross_entropy
+    from distill.student.objective import StudentObjective
+
+    meta = torch.device("meta")
+    hidden = torch.empty(2, 5, 8, device=meta, requires_grad=True)
+    weight = torch.empty(30, 8, device=meta, requires_grad=True)
+    values, indices = torch.empty(2, 5, 4, device=meta), torch.empty(2, 5, 4, dtype=torch.long, device=meta)
+    labels = torch.empty(2, 5, dtype=torch.long, device=meta)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 1] = mask[1, 4] = False  # some rows not counted: they must be dropped without a sync
+    loss_fn = DistillationLoss(ce_weight=0.5, chunk_size=3)
+    projector = FeatureProjector({0: 1}, 8, 6, "mse", 1.0).to(meta)
+    teacher_hidden = {1: torch.empty(2, 5, 6, device=meta)}
+    runs = {
+        "fused": lambda: loss_fn.fused(hidden, weight, values, indices, labels, mask, 7.0),
+        "plain": lambda: loss_fn(hidden @ weight.T, values, indices, labels, mask, 7.0),
+        "ce": lambda: cross_entropy(hidden @ weight.T, labels, mask, 7.0),
+        "fused_ce": lambda: fused_cross_entropy(hidden, weight, labels, mask, 7.0, 3),
+        "features": lambda: projector({0: hidden}, teacher_hidden, mask, 7.0),
+    }
+    with metrics_on_device():
+        for name, run in runs.items():
+            out = run()
+            out.loss.backward()
+            assert out.loss.device == meta, name
+        config = LlamaConfig(
+            vocab_size=30, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+        )
+        with meta:
+            model = LlamaForCausalLM(config)
+        ids = torch.empty(2, 5, dtype=torch.long, device=meta)
+        for fused in (True, False):
+            objective = StudentObjective(model, loss_fn, fused=fused)
+            loss, metrics = objective(ids, values, indices, labels, mask, 7.0, 0)
+            loss.backward()
+            assert loss.device == meta and all(m.device == meta for m in metrics.values() if torch.is_tensor(m))
 
 
 def test_the_driver_gives_teachers_and_ranks_disjoint_gpus(monkeypatch):

@@ -6,7 +6,14 @@ Split into modules so each reads top to bottom: `divergences` (the formulas, den
 
 from .divergences import DIVERGENCES, LOG_ZERO, TAILS, dense_divergence, log1mexp, sparse_divergence
 from .features import FEATURE_LOSSES, FeatureProjector, parse_layer_map
-from .kd import IGNORE_INDEX, DistillationLoss, LossOutput, metrics_on_device
+from .kd import (
+    IGNORE_INDEX,
+    DistillationLoss,
+    LossOutput,
+    check_teacher_indices,
+    metrics_on_device,
+    select_rows,
+)
 from .schedule import SCHEDULABLE, SCHEDULE_KINDS, parse_schedule
 
 __all__ = [
@@ -20,10 +27,12 @@ __all__ = [
     "DistillationLoss",
     "FeatureProjector",
     "LossOutput",
+    "check_teacher_indices",
     "dense_divergence",
     "log1mexp",
     "metrics_on_device",
     "parse_layer_map",
     "parse_schedule",
+    "select_rows",
     "sparse_divergence",
 ]

@@ -14,14 +14,17 @@ import functools
 import torch
 from torch import Tensor
 
-from .kd import _SUM_KEYS, IGNORE_INDEX, LossOutput, _FusedLinearLoss, check_normaliser, metric_value
+from .kd import (
+    _SUM_KEYS,
+    IGNORE_INDEX,
+    LossOutput,
+    _FusedLinearLoss,
+    check_normaliser,
+    metric_value,
+    select_rows,
+)
 
 _CE, _CE_TOKENS = _SUM_KEYS.index("ce_sum"), _SUM_KEYS.index("ce_tokens")
-
-
-def _counted(labels: Tensor, mask: Tensor | None) -> Tensor:
-    counted = labels != IGNORE_INDEX
-    return counted if mask is None else counted & mask.bool()
 
 
 def _output(loss: Tensor, ce_sum: Tensor, tokens: Tensor | int) -> LossOutput:
@@ -36,24 +39,27 @@ def _output(loss: Tensor, ce_sum: Tensor, tokens: Tensor | int) -> LossOutput:
 
 def cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None, normaliser: float) -> LossOutput:
     """CE from full logits [B, T, V] (computed in fp32); the reference for `fused_cross_entropy`."""
-    counted = _counted(labels, mask)
-    z = logits[counted]
+    z, lab = select_rows(mask, logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
     ce = torch.nn.functional.cross_entropy(
-        z.to(torch.promote_types(z.dtype, torch.float32)), labels[counted].long(), reduction="sum"
+        z.to(torch.promote_types(z.dtype, torch.float32)), lab, ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return _output(ce / check_normaliser(normaliser), ce, counted.sum())
+    return _output(ce / check_normaliser(normaliser), ce, (lab != IGNORE_INDEX).sum())
 
 
 def _ce_chunk(logits: Tensor, _values, _idx, labels: Tensor, *, scale: float, need_grad: bool):
-    """Loss, metric sums and d(loss)/d(logits) = scale * (softmax - onehot) of one chunk, in place."""
+    """Loss, metric sums and d(loss)/d(logits) = scale * (softmax - onehot) of one chunk, in place. Rows
+    without a label (-100) count for nothing: weighted by zero, not selected, so no host sync."""
+    valid = labels != IGNORE_INDEX
+    safe = labels.clamp(min=0).unsqueeze(-1)
     lse = logits.logsumexp(-1)
-    ce = (lse - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum()
+    ce = torch.where(valid, lse - logits.gather(-1, safe).squeeze(-1), 0.0).sum()
     sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=logits.device)
-    sums[_CE], sums[_CE_TOKENS] = ce.detach().double(), labels.numel()
+    sums[_CE], sums[_CE_TOKENS] = ce.detach().double(), valid.sum()
     if not need_grad:
         return ce * scale, sums, None
-    grad = logits.sub_(lse.unsqueeze(-1)).exp_()
-    grad.scatter_add_(-1, labels.unsqueeze(-1), grad.new_full((len(labels), 1), -1.0))
+    weight = valid.to(logits.dtype).unsqueeze(-1)
+    grad = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(weight)
+    grad.scatter_add_(-1, safe, -weight)
     return ce * scale, sums, grad.mul_(scale)
 
 
@@ -69,9 +75,8 @@ def fused_cross_entropy(
 
     hidden [B, T, H], lm_head_weight [V, H]; only counted positions enter the computation.
     """
-    counted = _counted(labels, mask)
-    h, lab = hidden[counted], labels[counted].long()
+    h, lab = select_rows(mask, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long())
     none = h.new_empty(len(h), 0)  # the fused kernel's teacher inputs: there is no teacher
     chunk_fn = functools.partial(_ce_chunk, scale=1.0 / check_normaliser(normaliser))
     loss, sums = _FusedLinearLoss.apply(h, lm_head_weight, none, none.long(), lab, chunk_fn, chunk_size)
-    return _output(loss, sums[_CE], len(lab))
+    return _output(loss, sums[_CE], sums[_CE_TOKENS])

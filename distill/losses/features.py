@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kd import LossOutput, check_normaliser, metric_value
+from .kd import LossOutput, check_normaliser, metric_value, select_rows
 
 FEATURE_LOSSES = ("mse", "cosine")
 _RULE = re.compile(r"^(?:(\d+)\*?)?i(?:([+-])(\d+))?$")
@@ -157,9 +157,7 @@ class FeatureProjector(nn.Module):
                 )
             student = student.reshape(-1, student.shape[-1])
             teacher = teacher.detach().reshape(-1, teacher.shape[-1])
-            if mask is not None:
-                keep = mask.reshape(-1).bool()
-                student, teacher = student[keep], teacher[keep]
+            student, teacher = select_rows(mask, student, teacher)
             tokens = student.shape[0]
             projected = linear(student.to(linear.weight.dtype))
             dtype = torch.promote_types(projected.dtype, torch.float32)  # bf16 in, fp32 loss

@@ -77,6 +77,42 @@ def metric_value(value: Tensor) -> float | Tensor:
     return value.detach() if _METRICS_ON_DEVICE.get() else value.item()
 
 
+def select_rows(keep: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The rows of `tensors` (each [n, ...], on one device) where `keep` ([n] bool) is set.
+
+    A `keep` on the host selects rows of accelerator tensors without waiting for the device: the row
+    numbers are found on the host and copied ahead of the kernels that read them (pinned, non-blocking),
+    so the training loop passes its host-side loss masks. A `keep` on an accelerator costs one host sync
+    (the selection's size depends on it). All rows kept: the tensors themselves, nothing copied."""
+    if keep is None:
+        return tensors
+    keep = keep.reshape(-1).bool()
+    if keep.device.type == "cpu" and tensors[0].device.type != "cpu":
+        if bool(keep.all()):
+            return tensors
+        rows = keep.nonzero().squeeze(1)
+        if tensors[0].device.type == "cuda":
+            rows = rows.pin_memory()
+        rows = rows.to(tensors[0].device, non_blocking=True)
+        return tuple(t.index_select(0, rows) for t in tensors)
+    keep = keep.to(tensors[0].device)
+    if bool(keep.all()):
+        return tensors
+    return tuple(t[keep] for t in tensors)
+
+
+def check_teacher_indices(indices: Tensor, vocab: int) -> None:
+    """Teacher ids must index the student's vocabulary (a shared tokenizer); reads `indices` on the host
+    (one sync when they live on an accelerator: the training loop checks its replies before the copy)."""
+    if indices.numel():
+        lo, hi = (int(v) for v in torch.aminmax(indices))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"teacher_indices span [{lo}, {hi}] but the student vocabulary has {vocab} entries; "
+                "teacher and student must share a tokenizer (and padded vocab size)"
+            )
+
+
 @dataclass
 class LossOutput:
     """`loss` is the scalar to backpropagate; `metrics` are sums over counted tokens (all-reduce, divide).
@@ -326,18 +362,9 @@ class DistillationLoss:
         values = teacher_values.detach().reshape(count, k)
         idx = teacher_indices.reshape(count, k).long()
         lab = labels.reshape(count).long() if labels is not None else idx.new_full((count,), IGNORE_INDEX)
-        if mask is not None:
-            keep = mask.reshape(count).bool()
-            if not bool(keep.all()):
-                flat_student, values, idx, lab = flat_student[keep], values[keep], idx[keep], lab[keep]
-        if idx.numel():
-            lo, hi = torch.aminmax(idx)
-            if int(lo) < 0 or int(hi) >= vocab:
-                raise ValueError(
-                    f"teacher_indices span [{int(lo)}, {int(hi)}] but the student vocabulary has {vocab} "
-                    "entries; "
-                    "teacher and student must share a tokenizer (and padded vocab size)"
-                )
+        flat_student, values, idx, lab = select_rows(mask, flat_student, values, idx, lab)
+        if idx.device.type == "cpu" or not _METRICS_ON_DEVICE.get():
+            check_teacher_indices(idx, vocab)  # in the training loop: checked on the host, before the copy
         return flat_student, values, idx, lab
 
     def _output(self, loss: Tensor, sums: Tensor, tokens: int) -> LossOutput:
