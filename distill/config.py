@@ -332,10 +332,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("teacher.model and student.model must be set (pick teacher=... student=...).")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"trainer.zero_stage={t.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3.")
-    if cfg.teacher.source == "cached":
-        _isolation_unsupported(cfg, "teacher=cached")
-    elif cfg.teacher.attach:
-        _isolation_unsupported(cfg, f"teacher.attach={cfg.teacher.attach} (a pool another run started)")
     _choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
     _choice("trainer.optimizer", t.optimizer, ("adamw", "sgd"))
     _choice("trainer.resume", str(t.resume), ("off", "latest", "auto"))
@@ -408,22 +404,8 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def _isolation_unsupported(cfg: DictConfig, teacher: str) -> None:
-    """data.document_isolation=true needs the teacher's side to keep documents apart exactly as the
-    student does; where that cannot be known (a cache, a pool another run started), it is refused rather
-    than letting the student and the teacher see different contexts."""
-    formats = {cfg.data.format, *(source.format for source in cfg.data.sources)}
-    if cfg.data.document_isolation and "completions" not in formats:
-        raise ConfigError(
-            f"data.document_isolation=true with {teacher}: whether that teacher kept packed documents apart "
-            f"is not recorded yet, so the student and the teacher could see different contexts; set "
-            f"data.document_isolation=false, or let the run start its own teachers (teacher=local/smollm2)."
-        )
-
-
 def validate_cache(cfg: DictConfig) -> None:
     """Checks for `launch.cache` (its config has no student or trainer)."""
-    _isolation_unsupported(cfg, "a teacher cache (launch.cache)")
     c = cfg.cache
     if not c.path:
         raise ConfigError("cache.path is not set; give the folder to write the cache to: cache.path=/path.")

@@ -71,6 +71,7 @@ def identity(cfg: DictConfig, teacher_dir: Path, tokenizer, data: dict) -> dict:
             "heldout": {"rows": len(data["heldout"]), "row_sha256": row_digests(data["heldout"].tokens)},
         },
         "shard_sequences": cfg.cache.shard_sequences,
+        "document_isolation": isolation_enabled(cfg.data),  # the teacher below is started with it
         **({"signals": "generation"} if cfg.cache.from_generation else {}),
     }
 

@@ -186,6 +186,7 @@ def check_cache(cfg: DictConfig, data_dir: Path, student_dir: str, teacher_dir: 
         train_digest=train.digest,
         heldout_rows=row_digests(heldout.tokens),
         hidden_layers=layers,
+        document_isolation=isolation_enabled(cfg.data),
     )
 
 
@@ -348,7 +349,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError("teacher.attach works with one teacher; several `teachers` are started per run.")
     if tc.attach:  # a pool someone else started (and will stop): e.g. one teacher for a whole sweep
         run_tag, pool = tc.attach, TeacherPool.attach(tc.attach, tc.replicas, tc.stages)
-        log.info("attached to teacher pool %s: %s", run_tag, pool.info()[0]["device"])
+        infos = pool.info()
+        check_pool_isolation(infos, isolation_enabled(cfg.data), tc.attach)
+        log.info("attached to teacher pool %s: %s", run_tag, infos[0]["device"])
     else:
         run_tag = f"{run_dir.name}-{os.getpid()}-{time.time_ns()}"
         PREEMPTION.check(run_dir)
@@ -367,6 +370,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         if not tc.attach:
             pool.shutdown()
     return summarize(run_dir)
+
+
+def check_pool_isolation(infos: list[dict], isolate: bool, tag: str) -> None:
+    """An attached pool's replicas must keep packed documents apart exactly when this run's students do
+    (`document_eos` in each replica's info: None when they attend across documents)."""
+    for i, info in enumerate(infos):
+        kept_apart = info.get("document_eos") is not None
+        if kept_apart != isolate:
+            had, now = str(kept_apart).lower(), str(isolate).lower()
+            raise ConfigError(
+                f"teacher.attach={tag}: replica {i} was started with data.document_isolation={had}, this run "
+                f"sets data.document_isolation={now}, so the student and the teacher would see different "
+                f"contexts; set data.document_isolation={had} or start a pool with the run's setting."
+            )
 
 
 def start_teachers(run_tag: str, prepared: dict, cfg: DictConfig, run_dir: Path):

@@ -28,7 +28,7 @@ from distill.cache.codec import decode_values, encode_values
 from distill.cache.manifest import MANIFEST, read_manifest
 from distill.cache.writer import fill
 from distill.data import PackedDataset
-from distill.models import tiny_llama, tiny_tokenizer
+from distill.models import load_tokenizer, tiny_llama, tiny_tokenizer
 from distill.stream import TeacherStream
 from distill.teacher.actor import TeacherActor, _to_numpy
 from launch.train import prepare
@@ -140,6 +140,42 @@ def test_writer_killed_mid_run_resumes_to_the_same_cache(tiny_cache, tiny_teache
     assert [(s["file"], s["sha256"]) for s in after["shards"]] == [(s["file"], s["sha256"]) for s in total]
 
 
+def test_a_cache_records_whether_the_teacher_kept_documents_apart(
+    tiny_cache, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """`launch.cache data.document_isolation=true` starts its teacher keeping packed documents apart, says
+    so in the manifest, and holds exactly that teacher's replies (rows with a document boundary inside
+    differ from the plain teacher's); a run reads it only with the same setting."""
+    cache_dir = tmp_path / "isolated"
+    args = cache_args(tiny_teacher_dir, cache_dir, "data.document_isolation=true")
+    assert run_module("launch.cache", args).returncode == 0
+    assert manifest(cache_dir)["document_isolation"] is True
+    assert manifest(tiny_cache).get("document_isolation") is False
+    tokens = cached_rows(cache_dir)
+    eos = load_tokenizer(tiny_teacher_dir).eos_token_id
+    # batches (as written) with a document boundary inside, where isolation changes the replies, and one without
+    inside = np.flatnonzero((tokens[:, :-1] == eos).any(1)) // BATCH * BATCH
+    starts = sorted({0, *inside[:4].tolist()})
+    assert len(starts) > 1
+    isolated = TeacherActor(str(tiny_teacher_dir), "float32", "sdpa", document_isolation=True)
+    plain = TeacherActor(str(tiny_teacher_dir), "float32", "sdpa")
+    batches = [(0, np.arange(r, r + BATCH)) for r in starts]
+    differs = False
+    for (_, rows), out in CachedTeacher(cache_dir, topk=16).stream(batches, lambda b: tokens[b[1]]):
+        live = isolated.topk(0, tokens[rows], 16, "float16")
+        np.testing.assert_array_equal(out.values.view(np.uint16), live.values.view(np.uint16))
+        np.testing.assert_array_equal(out.indices, live.indices)
+        differs |= not np.array_equal(out.values, plain.topk(0, tokens[rows], 16, "float16").values)
+    assert differs
+
+    def check(*overrides):
+        prepare(compose_cached(cache_dir, tiny_student_dir, *overrides), tmp_path / f"run-{time.time_ns()}")
+
+    check("data.document_isolation=true")
+    with pytest.raises(CacheError, match=r"document isolation mismatch.*kept packed documents apart"):
+        check()
+
+
 def compose_cached(cache_dir: Path, student: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(
@@ -173,6 +209,10 @@ def test_a_cache_that_does_not_fit_the_run_is_refused(tiny_cache, tiny_student_d
         check("features.layer_map=0:1")
     with pytest.raises(CacheError, match=r"teacher=cached needs cache.path"):
         check("cache.path=null")
+    # written by a teacher that let documents attend to each other: a run that keeps them apart would not
+    # see the contexts the teacher scored
+    with pytest.raises(CacheError, match=r"document isolation mismatch.*set data.document_isolation=false"):
+        check("data.document_isolation=true")
 
     # a student with another tokenizer (same vocabulary size, other merges)
     other_tok = tiny_tokenizer(

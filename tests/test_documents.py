@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill.config import DataConfig
+from distill.config import ConfigError, DataConfig
 from distill.data import pack_documents
 from distill.documents import (
     document_position_ids,
@@ -21,6 +22,7 @@ from distill.documents import (
 from distill.models import load_causal_lm, load_tokenizer
 from distill.teacher.actor import TeacherActor
 from distill.teacher.pipeline import TeacherStage
+from launch.train import check_pool_isolation
 
 EOS = 2
 DOCS = ["def f(x):\n    return x", "A short one.", "", "Lists are mutable sequences, typically homogeneous."]
@@ -117,3 +119,13 @@ def test_the_teacher_scores_packed_rows_like_the_student_sees_them(tiny_teacher_
     last = TeacherStage(str(tiny_teacher_dir), 2, 3, dtype="float32", document_isolation=True)
     staged = last.full_log_probs(first.run({"input_ids": ids}))
     torch.testing.assert_close(torch.from_numpy(staged)[0].double(), reference, rtol=0, atol=2e-5)
+
+
+def test_a_run_attaches_only_to_a_pool_with_its_own_isolation(tiny_teacher_pool):
+    """`teacher.attach`: the pool's replicas report whether they keep documents apart (`document_eos`), and
+    a run whose students do otherwise is refused before its ranks start."""
+    infos = tiny_teacher_pool.info()  # real Ray actors, started without isolation
+    assert [info["document_eos"] for info in infos] == [None, None]
+    check_pool_isolation(infos, False, "test-pool")
+    with pytest.raises(ConfigError, match=r"replica 0 was started with data.document_isolation=false"):
+        check_pool_isolation(infos, True, "test-pool")

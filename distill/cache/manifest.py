@@ -72,16 +72,20 @@ IDENTITY = (
     "data",
     "shard_sequences",
     "signals",  # "generation": converted from launch.generate's stored top-k; absent: the live teacher
+    "document_isolation",  # whether the teacher kept packed documents apart (distill/documents.py)
 )
+# What a field absent from an older manifest means (caches written before the field existed)
+DEFAULTS = {"document_isolation": False}
 
 
 def check_same_cache(existing: dict, wanted: dict, cache_dir: Path) -> None:
     """A cache run resuming into `cache_dir` must be writing the same cache it was started for."""
     for field in IDENTITY:
-        if existing.get(field) != wanted.get(field):
+        had, now = existing.get(field, DEFAULTS.get(field)), wanted.get(field, DEFAULTS.get(field))
+        if had != now:
             raise CacheError(
-                f"{cache_dir} holds a cache with a different {field} ({existing.get(field)!r}, now "
-                f"{wanted.get(field)!r}); resume with the original settings or write to a new cache.path."
+                f"{cache_dir} holds a cache with a different {field} ({had!r}, now {now!r}); resume with "
+                "the original settings or write to a new cache.path."
             )
 
 
@@ -101,6 +105,7 @@ def check_run(
     train_digest: str,
     heldout_rows: list[str],
     hidden_layers: list[int] | None,
+    document_isolation: bool = False,
 ) -> None:
     """Refuse a cache that does not fit the run: the message names the field and the fix.
 
@@ -134,6 +139,15 @@ def check_run(
         raise CacheError(
             f"cache dataset mismatch: the run's {split} sequences differ from those in {cache_dir}; use the "
             f"data settings the cache was written with (data_config in {cache_dir / MANIFEST}) or {fix}."
+        )
+    kept_apart = manifest.get("document_isolation", DEFAULTS["document_isolation"])
+    if kept_apart != document_isolation:
+        said = "kept packed documents apart" if kept_apart else "let packed documents attend to each other"
+        raise CacheError(
+            f"cache document isolation mismatch: the teacher that wrote {cache_dir} {said} "
+            f"(data.document_isolation={str(kept_apart).lower()}), the run sets "
+            f"data.document_isolation={str(document_isolation).lower()}, so the student and the teacher "
+            f"would see different contexts; set data.document_isolation={str(kept_apart).lower()} or {fix}."
         )
     stored = manifest["hidden"]["layers"] if manifest["hidden"] else []
     missing = sorted(set(hidden_layers or ()) - set(stored))

@@ -159,6 +159,7 @@ class TeacherStage:
             "parameters": sum(params.values()),
             "device": str(self.device),
             "node": ray.get_runtime_context().get_node_id(),
+            "document_eos": self.document_eos,  # stage 0 only: the stage that finds the documents
         }
 
     def memory(self) -> dict:
@@ -322,4 +323,10 @@ class PipelineTeacher:
 @ray.remote(num_cpus=0)
 def _summarise(*stage_infos: dict) -> dict:
     parameters = sum(i["parameters"] for i in stage_infos)
-    return {"stages": list(stage_infos), "parameters": parameters, "device": stage_infos[0]["device"]}
+    first = stage_infos[0]
+    return {
+        "stages": list(stage_infos),
+        "parameters": parameters,
+        "device": first["device"],
+        "document_eos": first["document_eos"],
+    }
