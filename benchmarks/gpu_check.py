@@ -8,7 +8,7 @@ What it checks and measures (`python benchmarks/gpu_check.py` on the GPU machine
       pydoc windows with documents kept apart (distill/documents.py): top-1 agreement, top-64 overlap, the
       KL(cpu fp32 ‖ gpu bf16) per token; and document isolation on the GPU (a packed row against each document
       run alone, with the attention kernel the teacher uses: FlashAttention-2 varlen if flash-attn is
-      installed, else sdpa with the block-diagonal mask), in bf16, in fp32, and without isolation for contrast;
+      installed, else sdpa with the block-diagonal mask), in bf16, in fp32, and without isolation (contrast);
   (b) a `teacher=cached` student run through the real `python -m launch.train` (DeepSpeed ZeRO-2, NCCL, world
       size 1, bf16, flash attention or sdpa, fused loss; conf/trainer/zero2_gpu.yaml): the loss falls, the
       exported student reloads with `AutoModelForCausalLM.from_pretrained` and runs;

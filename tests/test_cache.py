@@ -153,7 +153,7 @@ def test_a_cache_records_whether_the_teacher_kept_documents_apart(
     assert manifest(tiny_cache).get("document_isolation") is False
     tokens = cached_rows(cache_dir)
     eos = load_tokenizer(tiny_teacher_dir).eos_token_id
-    # batches (as written) with a document boundary inside, where isolation changes the replies, and one without
+    # batches (as written) with a document boundary inside (isolation changes their replies) and one without
     inside = np.flatnonzero((tokens[:, :-1] == eos).any(1)) // BATCH * BATCH
     starts = sorted({0, *inside[:4].tolist()})
     assert len(starts) > 1
