@@ -14,7 +14,10 @@ What it checks and measures (`python benchmarks/gpu_check.py` on the GPU machine
       exported student reloads with `AutoModelForCausalLM.from_pretrained` and runs;
   (c) student tokens/s (the run's own `train/tokens_per_s`) and MFU (model FLOPs per token x tokens/s / peak
       dense bf16 FLOP/s of the GPU), teacher tokens/s (the in-process teacher writing the cache, through the
-      real `TeacherActor.topk` and `launch.cache.write`), peak GPU memory of the teacher and of the run.
+      real `TeacherActor.topk` and `launch.cache.write`), peak GPU memory of the teacher and of the run;
+  (d) where a training micro-batch makes the host wait: the rank loop's objective, forward and backward, under
+      `torch.cuda.set_sync_debug_mode("error")` (`--sync-only` runs just this part; needs no GGUF: one call,
+      carrying site.tar.gz, wheels and bundle.json). Added after the H200 run; not yet run on a GPU.
 
 What the GPU machine has, and what has to travel (/work/.library/device/README.md, KINDS.md): its own Python
 3.12 with torch, transformers, accelerate, safetensors, tokenizers, pyarrow, numpy, psutil, msgpack, einops,
@@ -328,6 +331,86 @@ def log_probs(model, ids, device):
     return torch.log_softmax(model(input_ids=ids[None].to(device)).logits.float(), -1)[0].cpu()
 
 
+def micro_batch_syncs(device: str, dtype) -> dict:
+    """(d): one micro-batch of the rank loop's objective, forward and backward, as `launch/student.py` feeds
+    it (ids and teacher replies copied through `to_device`, teacher ids checked on the host, the loss mask
+    left on the host, metrics kept on the device), under `torch.cuda.set_sync_debug_mode("error")`: any
+    host sync raises, naming the call. Per path: KD fused / plain (with CE), features, CE without a teacher,
+    and document isolation (expected to sync: building the document layout reads the batch). A small
+    random Llama: what is checked is where the host waits, not the numbers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.dist import to_device
+    from distill.documents import isolate_documents
+    from distill.losses import DistillationLoss, FeatureProjector, check_teacher_indices, metrics_on_device
+    from distill.student.objective import StudentObjective
+
+    torch.manual_seed(0)
+    vocab, width, rows, seq, k = 512, 64, 4, 128, 16
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        attn_implementation="sdpa",
+    )
+    ids_host = torch.randint(3, vocab, (rows, seq))
+    ids_host[:, 40] = 2  # an EOS mid-row: two documents per row
+    values_host = torch.randn(rows, seq, k).log_softmax(-1) - 1.0
+    indices_host = torch.randint(0, vocab, (rows, seq, k))
+    mask = torch.ones(rows, seq, dtype=torch.bool)
+    mask[:, -1] = False
+    mask[0, :7] = False  # some rows not counted (as prompt positions are)
+    hidden_host = torch.randn(rows, seq, 48)
+    normaliser = float(mask.sum())  # the step's counted positions, known on the host
+
+    def micro_batch(objective, teacher: bool, features: bool):
+        ids = to_device(ids_host, device)
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]
+        values = indices = None
+        hidden = {}
+        if teacher:
+            check_teacher_indices(indices_host, vocab)
+            values, indices = to_device(values_host, device), to_device(indices_host, device)
+        if features:
+            hidden = {1: to_device(hidden_host, device)}
+        with metrics_on_device():
+            loss, _ = objective(ids, values, indices, labels, mask, normaliser, 0, hidden)
+        loss.backward()
+
+    out = {}
+    for name, fused, teacher, features, isolate in (
+        ("kd_fused_with_ce", True, True, False, False),
+        ("kd_plain_with_ce", False, True, False, False),
+        ("kd_fused_with_features", True, True, True, False),
+        ("ce_fused_no_teacher", True, False, False, False),
+        ("kd_fused_document_isolation", True, True, False, True),
+    ):
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+        if isolate:
+            isolate_documents(model, 2)
+        projector = FeatureProjector({0: 1}, width, 48, "mse", 1.0).to(device) if features else None
+        objective = StudentObjective(model, DistillationLoss(ce_weight=0.5, chunk_size=256), fused, projector)
+        micro_batch(objective, teacher, features)  # warm-up: first-use allocations and library handles
+        if device != "cuda":
+            out[name] = "ran (no CUDA: not checked)"
+            continue
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            micro_batch(objective, teacher, features)
+            out[name] = "no host sync"
+        except RuntimeError as error:
+            out[name] = f"host sync: {str(error).splitlines()[0][:300]}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    return out
+
+
 class InProcessTeacher:
     """The real `TeacherActor`, in this process instead of a Ray actor: what `launch.cache.write` streams
     from (`stream(batches, input_ids_of)` and `full_log_probs`), timed, so no Ray is needed."""
@@ -543,6 +626,9 @@ def main() -> None:
     )
     parser.add_argument("--gguf", help="a SmolLM2 GGUF file at hand (instead of the carried halves)")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument(
+        "--sync-only", action="store_true", help="only (d), the micro-batch host-sync check (no GGUF needed)"
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--micro-batch", type=int, default=16)
@@ -560,7 +646,8 @@ def main() -> None:
             return
     dry = args.dry_run
     site = install_site()
-    provide_gguf(site, args.gguf)
+    if not args.sync_only:
+        provide_gguf(site, args.gguf)
     if dry and not args.with_ray:
         hide_ray()
     if not dry:  # the dry run reuses this machine's converted teacher
@@ -581,6 +668,13 @@ def main() -> None:
 
     result["transformers"] = transformers.__version__
     result["flash_attn_installed"] = importlib.util.find_spec("flash_attn") is not None
+    result["micro_batch_host_syncs"] = attempt(micro_batch_syncs, device, getattr(torch, dtype))
+    if args.sync_only:
+        text = json.dumps(result, indent=1, default=str)
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text)
+        return
 
     from distill.models import smollm2_folder, student_from_teacher
 
