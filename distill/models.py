@@ -542,13 +542,40 @@ def check_architecture(folder: str | Path, headers: dict[str, dict[str, dict]]) 
     (`headers`, from `check_weight_files`) hold its tensors. The model is built on the meta device (no
     memory; about two seconds even for a 70B config) and its parameter names and shapes are compared with
     the headers, so weights of another architecture or size fail here, naming the first mismatch, instead
-    of inside a teacher actor or a student rank. Raises ModelConfigError."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    of inside a teacher actor or a student rank. Raises ModelConfigError.
 
+    A folder that passed is remembered (`$DISTILL_CACHE/checked-architectures/`, keyed by config.json, the
+    tensor names, shapes and dtypes of the headers, and the transformers version: everything the check
+    reads), so every start of a run, a requeue or a sweep point does not import transformers' modelling
+    code again to build the same skeleton."""
     folder = Path(folder)
     config_path = folder / "config.json"
     raw = _read_config(folder)
+    marker = _architecture_marker(config_path, headers)
+    if marker.is_file():
+        return
+    _check_architecture(folder, config_path, raw, headers)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def _architecture_marker(config_path: Path, headers: dict[str, dict[str, dict]]) -> Path:
+    """Where a passed `check_architecture` of exactly these inputs is remembered."""
+    from importlib.metadata import version
+
+    tensors = {name: [t["dtype"], t["shape"]] for table in headers.values() for name, t in table.items()}
+    digest = hashlib.sha256(config_path.read_bytes())
+    digest.update(json.dumps(tensors, sort_keys=True).encode())
+    digest.update(f"transformers=={version('transformers')}".encode())
+    return default_cache_dir() / "checked-architectures" / f"{digest.hexdigest()}.ok"
+
+
+def _check_architecture(
+    folder: Path, config_path: Path, raw: dict, headers: dict[str, dict[str, dict]]
+) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     model_type = raw.get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelConfigError(

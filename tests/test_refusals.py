@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from distill.cache.manifest import FORMAT
 from distill.cache.writer import CacheWriter
+from distill.models import ModelConfigError
 from distill.student.checkpoint import list_checkpoints
 from distill.student.engine import lr_lambda
 from launch.generate import identity, open_output
@@ -347,6 +348,25 @@ def test_a_broken_model_folder_is_refused_from_its_headers_before_any_actor_star
     assert_refused(proc, str(culprit), *named)
     assert time.perf_counter() - started < 120  # headers and sizes: seconds, plus the interpreter's start
     assert not run_dir.exists()
+
+
+def test_a_passed_architecture_check_is_remembered_only_for_the_same_files(tiny_teacher_dir, tmp_path):
+    """check_architecture remembers a folder that passed (every start of a run would otherwise import
+    transformers' modelling code again), keyed by what it reads: the same config.json and headers skip the
+    build; another config.json over the same weights is checked again and refused."""
+    from distill.models import _architecture_marker, check_architecture, check_weight_files
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, folder)
+    headers = check_weight_files(folder)
+    check_architecture(folder, headers)
+    assert _architecture_marker(folder / "config.json", headers).is_file()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]})
+    )
+    with pytest.raises(ModelConfigError, match=r"has shape .* config.json describes"):
+        check_architecture(folder, check_weight_files(folder))
 
 
 @pytest.mark.parametrize(
