@@ -124,12 +124,13 @@ def test_online_distillation_end_to_end(
 def test_loss_normalisation_is_invariant_to_the_split(
     attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
-    """One SGD step on the same global batch (8 sequences) gives the same weights however it is split:
-    1 rank x 4 accumulation steps == 2 x 2 == 4 x 1. The 2 x 2 run uses the unfused loss (full logits),
-    so the fused chunked LM-head loss is checked against it through the whole stack too."""
+    """One SGD step on the same global batch (8 sequences) gives the same weights however it is split
+    (ranks x accumulation steps x micro-batch): 1 x 4 x 2 == 2 x 2 x 2 == 2 x 1 x 4 (no accumulation). The
+    2 x 2 run uses the unfused loss (full logits), so the fused chunked LM-head loss is checked against it
+    through the whole stack too."""
     initial = load_file(str(tiny_student_dir / "model.safetensors"))
     results = {}
-    for ranks, accum in [(1, 4), (2, 2), (4, 1)]:
+    for ranks, accum, micro in [(1, 4, 2), (2, 2, 2), (2, 1, 4)]:
         run_dir = tmp_path / f"r{ranks}a{accum}"
         proc = run_train(
             tiny_overrides(
@@ -143,18 +144,18 @@ def test_loss_normalisation_is_invariant_to_the_split(
                 "trainer.max_steps=1",
                 f"trainer.num_ranks={ranks}",
                 f"trainer.grad_accum_steps={accum}",
-                "trainer.micro_batch_size=2",
+                f"trainer.micro_batch_size={micro}",
                 "loss.ce_weight=0.5",
-                f"trainer.fused_loss={ranks != 2}",
+                f"trainer.fused_loss={(ranks, accum) != (2, 2)}",
                 *attached_teacher,
             )
         )
         assert proc.returncode == 0
         weights = exported_weights(run_dir)
-        results[ranks, accum] = torch.cat(
+        results[ranks, accum, micro] = torch.cat(
             [weights[k].flatten() - initial[k].flatten() for k in sorted(initial)]
         )
-    reference = results[1, 4]
+    reference = results[1, 4, 2]
     assert reference.abs().sum() > 1e-3  # the step really moved the weights
     for split, update in results.items():
         torch.testing.assert_close(update, reference, rtol=1e-4, atol=1e-6, msg=f"split {split}")

@@ -6,9 +6,11 @@ the CPU path free of compiled DeepSpeed ops and the GPU path identical apart fro
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import shutil
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -106,6 +108,29 @@ def load_student(
     return model
 
 
+def import_deepspeed_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with its `@torch.compile` decorators left off.
+
+    Under ZeRO, DeepSpeed imports that module to ask whether the optimizer is a Muon (and in its gradient
+    reduction); its functions are decorated with torch.compile at import, which loads the whole inductor
+    stack: about 5 s of CPU per rank on a 2-core machine, at every start and requeue. Our optimizers are
+    AdamW and SGD, so those functions never run; imported here first with DeepSpeed's `compile()` returning
+    the function unchanged, they would run eagerly (correct, uncompiled) if anything called them."""
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    real = compiler.compile
+    compiler.compile = lambda: (lambda fn: fn)
+    try:
+        importlib.import_module(name)
+    except ImportError:  # a DeepSpeed without Muon: nothing to do
+        pass
+    finally:
+        compiler.compile = real
+
+
 def build_engine(model: torch.nn.Module, t: TrainerConfig, world_size: int, extra_params=()):
     """Wrap `model` (and any extra trainable modules' params) in a DeepSpeed engine."""
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
@@ -116,6 +141,7 @@ def build_engine(model: torch.nn.Module, t: TrainerConfig, world_size: int, extr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     )
+    import_deepspeed_muon_uncompiled()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, world_size)
     )
