@@ -122,7 +122,7 @@ def import_deepspeed_muon_uncompiled() -> None:
     from deepspeed.runtime import compiler
 
     real = compiler.compile
-    compiler.compile = lambda: (lambda fn: fn)
+    compiler.compile = lambda: lambda fn: fn
     try:
         importlib.import_module(name)
     except ImportError:  # a DeepSpeed without Muon: nothing to do
