@@ -537,6 +537,16 @@ def _renamed_on_load(model_type: str, model) -> bool:
         return True
 
 
+def plain_lm_head(model: torch.nn.Module) -> bool:
+    """True when a causal LM's logits are exactly `lm_head(decoder output)` = hidden @ weight.T: no bias,
+    scaling or soft-capping, so the head can be applied a chunk of positions at a time (the student's
+    fused loss, the teacher's bounded top-k)."""
+    head = model.get_output_embeddings()
+    cfg = model.config
+    plain = getattr(head, "bias", None) is None and not getattr(cfg, "final_logit_softcapping", None)
+    return plain and getattr(cfg, "logit_scale", None) in (None, 1.0)
+
+
 def check_architecture(folder: str | Path, headers: dict[str, dict[str, dict]]) -> None:
     """Check that config.json describes a causal LM transformers can build and that the safetensors files
     (`headers`, from `check_weight_files`) hold its tensors. The model is built on the meta device (no

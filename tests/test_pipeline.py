@@ -88,3 +88,58 @@ def test_more_stages_than_layers_is_refused_before_compute(tiny_teacher_dir, tin
 
     with pytest.raises(ConfigError, match="teacher.stages=4 exceeds the teacher's 3 layers"):
         prepare(compose_cfg(tiny_teacher_dir, tiny_student_dir, "teacher.stages=4"), tmp_path / "run")
+
+
+def test_the_top_k_reply_is_made_a_chunk_of_positions_at_a_time():
+    """`topk_log_probs` equals the top-k of the whole micro-batch's log-softmax, with the vocabulary-wide
+    temporaries made a few positions at a time."""
+    from distill.teacher import actor
+
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(3, 50, 16, generator=g), torch.nn.Linear(16, 1000, bias=False)
+    want_values, want_ids = torch.log_softmax(head(hidden).float(), -1).topk(8, -1)
+    saved, actor.LOGITS_CHUNK_BYTES = actor.LOGITS_CHUNK_BYTES, 7 * 4 * 1000  # 7 positions per chunk
+    try:
+        values, ids = actor.topk_log_probs(hidden, head, 8)
+    finally:
+        actor.LOGITS_CHUNK_BYTES = saved
+    assert values.shape == (3, 50, 8) and values.dtype == torch.float32
+    torch.testing.assert_close(values, want_values, rtol=0, atol=1e-5)
+    assert torch.equal(ids, want_ids)
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from distill.teacher import actor
+actor.LOGITS_CHUNK_BYTES = int(sys.argv[1])
+hidden, head = torch.randn(4, 1024, 16), torch.nn.Linear(16, 16384, bias=False)
+actor.topk_log_probs(hidden[:, :8], head, 8)  # first-call allocations outside the measurement
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+actor.topk_log_probs(hidden, head, 8)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_the_top_k_reply_peak_does_not_grow_with_micro_batch_times_vocab(tmp_path):
+    """Peak resident memory of one top-k reply over 4 x 1024 positions of a 16,384-token vocabulary, in a
+    fresh process: 32 positions per chunk stay within a few MiB; the whole batch at once (what the reply
+    did before) holds its fp32 logits and log-probs, 2 x 256 MiB."""
+    import subprocess
+    import sys
+
+    from test_online import ROOT
+
+    def peak_mib(chunk_bytes: int) -> float:
+        proc = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(chunk_bytes)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        )
+        return float(proc.stdout.split()[-1])
+
+    chunked, whole = peak_mib(32 * 4 * 16384), peak_mib(2**40)
+    assert chunked < 40, chunked
+    assert whole > 400, whole

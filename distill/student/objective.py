@@ -22,17 +22,9 @@ from omegaconf import OmegaConf
 from distill.config import ConfigError, FeatureConfig
 from distill.losses import DistillationLoss, FeatureProjector, LossOutput, parse_layer_map
 from distill.losses.ce import cross_entropy, fused_cross_entropy
-from distill.models import hidden_size, num_hidden_layers
+from distill.models import hidden_size, num_hidden_layers, plain_lm_head
 
 log = logging.getLogger("distill")
-
-
-def supports_fused_head(model: torch.nn.Module) -> bool:
-    """True when logits are exactly `hidden @ head.weight.T` (no bias, scaling or soft-capping)."""
-    head = model.get_output_embeddings()
-    cfg = model.config
-    plain = getattr(head, "bias", None) is None and not getattr(cfg, "final_logit_softcapping", None)
-    return plain and getattr(cfg, "logit_scale", None) in (None, 1.0)
 
 
 def resolve_layer_map(spec, student_dir: str, teacher_dir: str) -> dict[int, int]:
@@ -89,7 +81,7 @@ class StudentObjective(torch.nn.Module):
     ):
         super().__init__()
         self.model, self.loss_fn, self.projector = model, loss_fn, projector
-        self.fused = fused and supports_fused_head(model)
+        self.fused = fused and plain_lm_head(model)
         if fused and not self.fused:
             log.warning("the student's LM head is not a plain linear map; using the unfused loss")
         if self.fused:

@@ -17,6 +17,27 @@ import numpy as np
 import torch
 
 _NUMPY_VALUES = {"float16": np.float16, "float32": np.float32}
+# The vocabulary-wide temporaries of a top-k reply (fp32 logits and log-probs) are made this many bytes of
+# logits at a time, whatever the micro-batch: 512 positions of a 128k vocabulary.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+@torch.no_grad()
+def topk_log_probs(hidden: torch.Tensor, head, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of log_softmax(head(hidden)) over the vocabulary, fp32 values and int64 ids [..., k], for
+    final hidden states [..., H] and `head` mapping [n, H] to logits [n, V]. Computed a chunk of positions
+    at a time (`LOGITS_CHUNK_BYTES` of fp32 logits), so the peak does not grow with micro-batch x vocab;
+    row by row the same numbers as the whole batch at once."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else None
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab)) if vocab else len(flat)
+    values = torch.empty(len(flat), k, dtype=torch.float32, device=hidden.device)
+    indices = torch.empty(len(flat), k, dtype=torch.long, device=hidden.device)
+    for start in range(0, len(flat), chunk):
+        log_probs = torch.log_softmax(head(flat[start : start + chunk]).float(), dim=-1)
+        torch.topk(log_probs, k, dim=-1, out=(values[start : start + chunk], indices[start : start + chunk]))
+        del log_probs
+    return values.view(*hidden.shape[:-1], k), indices.view(*hidden.shape[:-1], k)
 
 
 def index_dtype(vocab_size: int) -> np.dtype:
@@ -70,17 +91,16 @@ class TeacherOutput:
 
 def pack_output(
     request_id: int,
-    log_probs: torch.Tensor,
-    k: int,
+    values: torch.Tensor,
+    indices: torch.Tensor,
     values_dtype: str,
     vocab_size: int,
     compute_s: float,
     hidden: torch.Tensor | None = None,
     hidden_layers: list[int] | None = None,
 ) -> TeacherOutput:
-    """The reply for one micro-batch: top-k of full-vocabulary log-probs [B, T, V] in compact dtypes,
-    plus hidden states [n_layers, B, T, H] of `hidden_layers` when asked for."""
-    values, indices = torch.topk(log_probs, k, dim=-1)
+    """The reply for one micro-batch: top-k log-probs and ids [B, T, k] (`topk_log_probs`) in compact
+    dtypes, plus hidden states [n_layers, B, T, H] of `hidden_layers` when asked for."""
     hidden_np = None
     if hidden is not None:
         hidden_np = _to_numpy(hidden, values_dtype)
@@ -138,7 +158,7 @@ class TeacherActor:
         import transformers
 
         from distill.documents import isolate_documents
-        from distill.models import load_causal_lm, open_tokenizer
+        from distill.models import load_causal_lm, open_tokenizer, plain_lm_head
 
         transformers.utils.logging.disable_progress_bar()
         if not torch.cuda.is_available():
@@ -155,6 +175,9 @@ class TeacherActor:
         if eos is not None:
             isolate_documents(self.model, eos)
         self.document_eos = eos
+        # a plain LM head is applied to the decoder's output a chunk of positions at a time (top-k replies
+        # bounded in memory); otherwise (bias, scaling, soft-capping) the model's own forward makes logits
+        self.plain_head = plain_lm_head(self.model)
         self.vocab_size = self.model.config.vocab_size
         self.num_layers = self.model.config.num_hidden_layers
         self.model_dir = model_dir
@@ -173,14 +196,20 @@ class TeacherActor:
         }
 
     @torch.no_grad()
-    def _forward(
-        self, input_ids: np.ndarray, hidden_layers: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Full log-probs [B, T, V] and, if layers are asked for, their hidden states [n, B, T, H]."""
+    def _topk(
+        self, input_ids: np.ndarray, k: int, hidden_layers: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Top-k log-probs and ids [B, T, k], and the hidden states [n, B, T, H] of `hidden_layers`."""
         ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
-        out = self.model(input_ids=ids, output_hidden_states=bool(hidden_layers))
-        hidden = torch.stack([out.hidden_states[j + 1] for j in hidden_layers]) if hidden_layers else None
-        return torch.log_softmax(out.logits.float(), dim=-1), hidden
+        want = bool(hidden_layers)
+        if self.plain_head:
+            out = self.model.get_decoder()(input_ids=ids, output_hidden_states=want)
+            values, indices = topk_log_probs(out.last_hidden_state, self.model.get_output_embeddings(), k)
+        else:
+            out = self.model(input_ids=ids, output_hidden_states=want)
+            values, indices = topk_log_probs(out.logits, torch.nn.Identity(), k)
+        hidden = torch.stack([out.hidden_states[j + 1] for j in hidden_layers]) if want else None
+        return values, indices, hidden
 
     def _check_layers(self, hidden_layers: list[int]) -> None:
         bad = [j for j in hidden_layers if not 0 <= j < self.num_layers]
@@ -204,15 +233,17 @@ class TeacherActor:
         hidden_layers = list(hidden_layers) if hidden_layers else None
         if hidden_layers:
             self._check_layers(hidden_layers)
-        log_probs, hidden = self._forward(input_ids, hidden_layers)
+        values, indices, hidden = self._topk(input_ids, k, hidden_layers)
         compute_s = time.perf_counter() - start
         return pack_output(
-            request_id, log_probs, k, values_dtype, self.vocab_size, compute_s, hidden, hidden_layers
+            request_id, values, indices, values_dtype, self.vocab_size, compute_s, hidden, hidden_layers
         )
 
+    @torch.no_grad()
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
         """Full-vocabulary fp32 log-probs [B, T, V], so evaluation measures the exact KL."""
-        return self._forward(input_ids)[0].cpu().numpy()
+        ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
+        return torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1).cpu().numpy()
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0

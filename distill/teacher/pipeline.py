@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from distill.documents import document_position_ids, flash_varlen_kwargs
 from distill.placement import ray_gpu_options
-from distill.teacher.actor import TeacherOutput, pack_output
+from distill.teacher.actor import TeacherOutput, pack_output, topk_log_probs
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
@@ -211,8 +211,7 @@ class TeacherStage:
         result = {**payload, "collected": collected, "compute_s": payload.get("compute_s", 0.0)}
         result["compute_s"] += time.perf_counter() - started
         if self.last:
-            logits = self.head(self.norm(hidden)).float()
-            result["log_probs"] = torch.log_softmax(logits, dim=-1)
+            result["final_hidden"] = self.norm(hidden)  # the head is applied by `topk` / `full_log_probs`
         else:
             result["activations"] = hidden.float().cpu().numpy()
         result.pop("input_ids", None)
@@ -223,10 +222,11 @@ class TeacherStage:
         result = self.run(payload)
         layers = list(payload["hidden_layers"]) if payload.get("hidden_layers") else None
         hidden = torch.from_numpy(np.stack([result["collected"][j] for j in layers])) if layers else None
+        values, indices = topk_log_probs(result["final_hidden"], self.head, k)
         return pack_output(
             request_id,
-            result["log_probs"],
-            k,
+            values,
+            indices,
             values_dtype,
             self.config.vocab_size,
             result["compute_s"],
@@ -234,8 +234,10 @@ class TeacherStage:
             layers,
         )
 
+    @torch.no_grad()
     def full_log_probs(self, payload: dict) -> np.ndarray:
-        return self.run(payload)["log_probs"].cpu().numpy()
+        logits = self.head(self.run(payload)["final_hidden"]).float()
+        return torch.log_softmax(logits, dim=-1).cpu().numpy()
 
 
 class PipelineTeacher:
