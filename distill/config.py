@@ -154,7 +154,8 @@ class StreamConfig:
     topk: int = 64
     prefetch: int = 2
     values_dtype: str = "float16"  # float16 | bfloat16 | float32
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0  # a reply slower than this is logged as slow (again at 2x, 4x, ...)
+    max_wait_s: float = 3600.0  # ... and given up on after this long in all, while its replica is alive
 
 
 @dataclass
@@ -364,6 +365,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"stream.prefetch={s.prefetch} must be >= 1 (1 = request one micro-batch ahead).")
     _choice("stream.values_dtype", s.values_dtype, ("float16", "bfloat16", "float32"))
     _at_least("stream.timeout_s", s.timeout_s, 1)
+    if s.max_wait_s < s.timeout_s:
+        raise ConfigError(
+            f"stream.max_wait_s={s.max_wait_s} must be >= stream.timeout_s={s.timeout_s} (the total wait for "
+            f"one reply from a live teacher, of which timeout_s is the first interval)."
+        )
     _at_least("data.seq_len", d.seq_len, 2)
     _at_least("data.heldout_sequences", d.heldout_sequences, 1)
     if not 0 < d.heldout_fraction < 1:

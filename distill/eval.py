@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from distill.dist import host_sum, pack, reduce_sum, to_device
-from distill.stream.client import TeacherStreamError
+from distill.stream.client import TeacherRaisedError, TeacherStreamError
 
 
 def eval_dtype(device: torch.device) -> torch.dtype:
@@ -31,7 +31,11 @@ def _agreed(teacher_log_probs, batch: np.ndarray) -> np.ndarray:
         answer, error = teacher_log_probs(batch), None
     except TeacherStreamError as e:
         answer, error = None, e
-    if host_sum([error is not None])[0]:  # a host-side flag: the gloo group, no GPU sync
+    raised = isinstance(error, TeacherRaisedError)
+    lost, ranks_raised = host_sum([error is not None, raised])  # host-side flags: the gloo group, no GPU sync
+    if ranks_raised and not raised:  # the teacher's own error on another rank decides how all stop
+        raise TeacherRaisedError("the teacher raised an error on another rank's request (see below)")
+    if lost:
         raise error or TeacherStreamError("another rank lost the teacher during evaluation")
     return answer
 

@@ -70,6 +70,7 @@ FREE_KEYS = (
     "student.attn_implementation",
     "stream.prefetch",
     "stream.timeout_s",
+    "stream.max_wait_s",
     "data.tokenize_workers",
     "cache.values_dtype",
     "cache.hidden_layers",

@@ -124,6 +124,7 @@ def ray_teacher_stream(cfg: DictConfig, teacher_dir: Path, hidden_layers: list[i
             cfg.stream.prefetch,
             "float32",  # rounded to cache.values_dtype here, exactly as the actor would round
             cfg.stream.timeout_s,
+            max_wait_s=cfg.stream.max_wait_s,
             hidden_layers=hidden_layers,
         )
     finally:

@@ -44,7 +44,7 @@ from distill.eval import evaluate, evaluate_cached, evaluate_student
 from distill.losses import check_teacher_indices, metrics_on_device
 from distill.models import load_tokenizer
 from distill.stream import StreamStats, TeacherStream
-from distill.stream.client import TeacherStreamError
+from distill.stream.client import TeacherRaisedError, TeacherStreamError
 from distill.stream.routing import evaluate_domains, open_routed_stream, source_names
 from distill.student import checkpoint
 from distill.student.engine import build_engine, export_pretrained, init_distributed, load_student
@@ -57,6 +57,8 @@ from distill.tracking import Progress, RunLogger
 log = logging.getLogger("distill")
 PREEMPTED_EXIT = 75  # checkpointed on SIGUSR1 and stopped; the run continues after a requeue
 TEACHER_LOST_EXIT = 76  # every teacher replica is gone: checkpointed and stopped with the cause logged
+TEACHER_FAILED_EXIT = 77  # the teacher raised an error: checkpointed and stopped, its message in ERROR_FILE
+ERROR_FILE = "teacher-error-rank{rank}.txt"  # in the run directory: the teacher's message, for the driver
 
 
 class Preemption:
@@ -203,6 +205,7 @@ def main(run_dir: Path) -> None:
             cfg.stream.timeout_s,
             hidden_layers=objective.teacher_layers,  # None unless feature distillation is on
             first_replica=rank,
+            max_wait_s=cfg.stream.max_wait_s,
         )
     device = engine.device
     sampler = StepSampler(
@@ -284,7 +287,10 @@ def main(run_dir: Path) -> None:
             # counted positions of the whole step (this rank, from the host-side masks), summed over ranks
             # with the lost-teacher flag: one host-side agreement per step, no GPU sync
             step_tokens = sum(int(loss_mask(idx).sum()) for (_, idx), _ in step_pairs) if lost is None else 0
-            normaliser, ranks_lost = host_sum([step_tokens, lost is not None])
+            raised = isinstance(lost, TeacherRaisedError)
+            normaliser, ranks_lost, ranks_raised = host_sum([step_tokens, lost is not None, raised])
+            if ranks_raised and not raised:  # the teacher's own error on another rank decides how all stop
+                raise TeacherRaisedError("the teacher raised an error on another rank's request (see below)")
             if ranks_lost:
                 raise lost or TeacherStreamError("another rank lost the teacher stream")
             step = step_pairs[0][0][0]
@@ -330,7 +336,7 @@ def main(run_dir: Path) -> None:
         final = run_eval(t.max_steps) if stop == t.max_steps and not preempted else None
     except TeacherStreamError as error:  # raised on every rank at the same point (agreed by all-reduce)
         keep = t.keep_checkpoints
-        stop_without_teacher(engine, ckpt_root, completed, trained_on, keep, error, logger, rank)
+        stop_without_teacher(run_dir, engine, completed, trained_on, keep, error, logger, rank)
     finally:
         if sample_log:
             sample_log.close()
@@ -366,25 +372,40 @@ def open_sample_log(run_dir: Path, rank: int):
 
 
 def stop_without_teacher(
-    engine, ckpt_root: Path, step: int, trained_on: dict, keep: int, error, logger, rank: int
+    run_dir: Path, engine, step: int, trained_on: dict, keep: int, error, logger, rank: int
 ) -> None:
-    """No teacher replica is left: keep the progress made (checkpoint the last completed step unless it
-    is already saved), say why and how to continue, and exit with TEACHER_LOST_EXIT on every rank."""
+    """The teacher cannot serve the run (every replica gone, a live one not answering, or an error raised
+    inside it): keep the progress made (checkpoint the last completed step unless it is already saved), say
+    why and how to continue, and exit on every rank with TEACHER_FAILED_EXIT when the teacher raised an
+    error (each rank that received it writes its message to ERROR_FILE for the driver), else
+    TEACHER_LOST_EXIT."""
+    ckpt_root = run_dir / "checkpoints"
     latest = checkpoint.latest(ckpt_root)
     if step > 0 and (latest is None or latest != checkpoint.step_dir(ckpt_root, step)):
         checkpoint.save(engine, ckpt_root, step, {"step": step, "data": trained_on}, keep)
+    failed = isinstance(error, TeacherRaisedError)
+    if failed and not str(error).startswith("the teacher raised an error on another rank"):
+        (run_dir / ERROR_FILE.format(rank=rank)).write_text(str(error))
+        log.error("rank %d: %s", rank, error)
     if rank == 0:
+        fix = (
+            "Fix the teacher (its message above: e.g. its memory, or stream.values_dtype for fp16 overflow)"
+            if failed
+            else "Restore the teacher (more replicas, teacher.max_restarts, a healthy node)"
+        )
         log.error(
-            "teacher lost: %s. Training stopped after step %d; the checkpoint is in %s. Restore the teacher "
-            "(more replicas, teacher.max_restarts, a healthy node) and rerun with trainer.resume=latest.",
+            "teacher %s: %s. Training stopped after step %d; the checkpoint is in %s. %s and rerun with "
+            "trainer.resume=latest.",
+            "failed" if failed else "lost",
             error,
             step,
             ckpt_root,
+            fix,
         )
         logger.finish()
     dist.barrier()
     dist.destroy_process_group()
-    sys.exit(TEACHER_LOST_EXIT)
+    sys.exit(TEACHER_FAILED_EXIT if failed else TEACHER_LOST_EXIT)
 
 
 def quiet_libraries() -> None:

@@ -47,7 +47,7 @@ from distill.student.objective import resolve_layer_map
 from launch.curriculum import run_curriculum
 from launch.errors import fail, reported_errors, show_traceback
 from launch.preemption import PREEMPTION, Preempted, checkpointed_step
-from launch.student import PREEMPTED_EXIT, TEACHER_LOST_EXIT
+from launch.student import ERROR_FILE, PREEMPTED_EXIT, TEACHER_FAILED_EXIT, TEACHER_LOST_EXIT
 
 log = logging.getLogger("distill")
 register_configs()
@@ -224,6 +224,8 @@ def launch_ranks(
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = GpuSplit.visible(gpus.students)
     PREEMPTION.check(run_dir)
+    for stale in run_dir.glob(ERROR_FILE.format(rank="*")):  # a message of an earlier start is not this one's
+        stale.unlink()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "launch.student", str(run_dir)],
@@ -232,7 +234,7 @@ def launch_ranks(
         )
         for r in range(num_ranks)
     ]
-    stopping = (None, 0, TEACHER_LOST_EXIT, PREEMPTED_EXIT)  # exit codes the other ranks soon share
+    stopping = (None, 0, TEACHER_LOST_EXIT, TEACHER_FAILED_EXIT, PREEMPTED_EXIT)  # the others soon share
     forwarded = False
     try:
         while any(p.poll() is None for p in procs):
@@ -252,11 +254,22 @@ def launch_ranks(
             raise Preempted(checkpointed_step(run_dir))  # the others are stopped below
         failed = [r for r, p in enumerate(procs) if p.returncode != 0]
         if failed:
+            step = checkpointed_step(run_dir)
+            kept = (
+                f"the students stopped with their progress checkpointed at step {step} in "
+                f"{run_dir / 'checkpoints'}"
+                if step
+                else "the students stopped before completing a step"
+            )
+            if all(p.returncode == TEACHER_FAILED_EXIT for p in procs):
+                said = sorted({f.read_text() for f in run_dir.glob(ERROR_FILE.format(rank="*"))})
+                said = "; ".join(said) or "the teacher raised an error (see the ranks' log)"
+                raise RankFailure(f"{said}; {kept}. Fix the teacher, then rerun with trainer.resume=latest.")
             if all(p.returncode == TEACHER_LOST_EXIT for p in procs):
                 raise RankFailure(
-                    f"the teacher pool is gone (every replica died); the students saved a checkpoint in "
-                    f"{run_dir / 'checkpoints'} and stopped. Fix the teacher, then rerun with "
-                    f"trainer.resume=latest."
+                    f"the teacher stopped serving (every replica died, or a live one gave no answer within "
+                    f"stream.max_wait_s: the ranks log says which); {kept}. Fix the teacher, then rerun "
+                    f"with trainer.resume=latest."
                 )
             raise RankFailure(f"student rank {failed[0]} exited with code {procs[failed[0]].returncode}")
     finally:

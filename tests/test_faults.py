@@ -173,7 +173,7 @@ def test_losing_every_replica_checkpoints_then_resume_finishes_the_run(
         os.kill(pid, signal.SIGKILL)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
-    assert "the teacher pool is gone" in out and "trainer.resume=latest" in out, out[-3000:]
+    assert "the teacher stopped serving" in out and "trainer.resume=latest" in out, out[-3000:]
     trained = [r["step"] for r in metrics(lost) if "train/loss" in r]
     assert 5 <= trained[-1] < STEPS
     assert latest(lost / "checkpoints").name == f"step-{trained[-1]:06d}"  # nothing trained is lost
@@ -188,3 +188,34 @@ def test_losing_every_replica_checkpoints_then_resume_finishes_the_run(
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
     assert [r["step"] for r in metrics(lost) if "train/loss" in r] == list(range(1, STEPS + 1))
+
+
+def test_an_error_inside_the_teacher_stops_every_rank_with_its_message(
+    tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """The teacher's own exception (here its float16 overflow check on hidden states, with an overflowing
+    teacher) reaches every rank at the same step: both ranks stop with TEACHER_FAILED_EXIT, and the run
+    ends with the teacher's message and what to do, not with a dead-pool message or a hung collective."""
+    from test_stream import overflowing_teacher
+
+    from launch.student import TEACHER_FAILED_EXIT
+
+    teacher = overflowing_teacher(tiny_teacher_dir, tmp_path / "overflowing")
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        tiny_overrides(
+            teacher,
+            tiny_student_dir,
+            run_dir,
+            "features.layer_map=0:1",
+            "trainer.max_steps=2",
+            "ray.num_cpus=2",
+        )
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert "teacher raised ValueError" in log and "overflow float16" in log, log[-3000:]
+    assert "the teacher stopped serving" not in log and "trainer.resume=latest" in log
+    assert "stopped before completing a step" in log  # the first request failed: nothing to checkpoint
+    assert log.count(f"exited with code {TEACHER_FAILED_EXIT}") == 0  # all ranks agreed: no rank failure
+    assert sorted(p.name for p in run_dir.glob("teacher-error-rank*.txt"))  # the ranks that received it

@@ -23,7 +23,19 @@ log = logging.getLogger("distill")
 
 
 class TeacherStreamError(RuntimeError):
-    pass
+    """The stream cannot go on: every replica is gone, or a live one stopped answering (stream.max_wait_s)."""
+
+
+class TeacherRaisedError(TeacherStreamError):
+    """The teacher itself raised an error on a request (out of memory, the fp16 overflow check, ...): not a
+    dead replica, and not fixed by waiting or by another replica, so the run stops with its message."""
+
+
+def teacher_error(error: Exception, what: str) -> TeacherRaisedError:
+    """A TeacherRaisedError carrying the teacher's own exception (a Ray task error's cause) and `what`."""
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines() or [""]
+    return TeacherRaisedError(f"the teacher raised {type(cause).__name__} on {what}: {lines[-1][:500]}")
 
 
 @dataclass
@@ -100,11 +112,17 @@ class TeacherStream:
         timeout_s: float,
         hidden_layers: list[int] | None = None,
         first_replica: int = 0,
+        max_wait_s: float | None = None,
     ):
+        """`timeout_s`: how long a reply may take before the stream says it is slow (and again after
+        twice as long, and so on); `max_wait_s` (default `timeout_s`): how long it waits in all for one reply
+        from a replica Ray still has alive before it gives up (TeacherStreamError). A replica Ray reports
+        dead is dropped at once and its requests go to the others."""
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be >= 1")
         self.replicas, self.topk, self.prefetch = list(replicas), topk, prefetch
         self.values_dtype, self.timeout_s = values_dtype, timeout_s
+        self.max_wait_s = max(timeout_s, max_wait_s or timeout_s)
         self.hidden_layers = list(hidden_layers) if hidden_layers else None
         # ranks start the round-robin at different replicas (their rank), so they spread over the pool
         self.first_replica = first_replica
@@ -132,13 +150,8 @@ class TeacherStream:
         start = time.perf_counter()
         while True:
             try:
-                out: TeacherOutput = ray.get(ref, timeout=self.timeout_s)
+                out: TeacherOutput = self._wait(ref, f"request {request_id}", replica)
                 break
-            except ray.exceptions.GetTimeoutError as e:
-                raise TeacherStreamError(
-                    f"teacher gave no answer to request {request_id} in {self.timeout_s:.0f} s "
-                    f"(stream.timeout_s); is the teacher pool alive and large enough?"
-                ) from e
             except ray.exceptions.RayActorError:  # raised only once Ray has given up restarting it
                 if replica in self.replicas:
                     self.replicas.remove(replica)
@@ -155,6 +168,39 @@ class TeacherStream:
         self.stats.replica_tokens[self._replica_index[id(replica)]] += tokens
         self.stats.replica_compute_s[self._replica_index[id(replica)]] += out.compute_s
         return out
+
+    def _wait(self, ref, what: str, replica) -> Any:
+        """`ray.get(ref)`, told apart: a slow reply is waited for (a log line after `timeout_s`, then after
+        twice as long each time) up to `max_wait_s` in all; an exception the teacher raised becomes
+        TeacherRaisedError; a dead replica's RayActorError is left to the caller."""
+        import ray
+
+        waited, timeout = 0.0, self.timeout_s
+        while True:
+            try:
+                return ray.get(ref, timeout=min(timeout, self.max_wait_s - waited))
+            except ray.exceptions.GetTimeoutError as e:
+                waited += min(timeout, self.max_wait_s - waited)
+                if waited >= self.max_wait_s:
+                    raise TeacherStreamError(
+                        f"teacher replica {self._replica_index.get(id(replica), '?')} is alive but gave no "
+                        f"answer to {what} in {waited:.0f} s (stream.max_wait_s); is it stuck or far too "
+                        f"slow for its load (more replicas, a smaller micro-batch)?"
+                    ) from e
+                timeout *= 2
+                log.warning(
+                    "teacher replica %s has not answered %s after %.0f s; it is alive (Ray has not reported "
+                    "it dead), so waiting up to %.0f s more (stream.max_wait_s=%.0f)",
+                    self._replica_index.get(id(replica), "?"),
+                    what,
+                    waited,
+                    self.max_wait_s - waited,
+                    self.max_wait_s,
+                )
+            except ray.exceptions.RayActorError:
+                raise
+            except ray.exceptions.RayTaskError as e:  # the teacher's own exception, raised inside its task
+                raise teacher_error(e, what) from e
 
     def stream(self, batches: Iterable[Any], input_ids_of) -> Iterator[tuple[Any, TeacherOutput]]:
         """Yield (batch, teacher output) in order, keeping up to `prefetch` requests in flight."""
@@ -176,15 +222,12 @@ class TeacherStream:
         import ray
 
         while self.replicas:
+            replica = self.replicas[0]
             try:
-                return ray.get(self.replicas[0].submit_full_log_probs(input_ids), timeout=self.timeout_s)
+                return self._wait(replica.submit_full_log_probs(input_ids), "an evaluation request", replica)
             except ray.exceptions.RayActorError:
                 self.replicas.pop(0)
                 log.warning("teacher replica died for good; %d replica(s) left", len(self.replicas))
-            except ray.exceptions.GetTimeoutError as e:
-                raise TeacherStreamError(
-                    f"teacher gave no evaluation answer in {self.timeout_s:.0f} s (stream.timeout_s)"
-                ) from e
         raise TeacherStreamError(
             "every teacher replica is dead (each exhausted its restarts); the run cannot continue"
         )

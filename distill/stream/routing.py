@@ -250,7 +250,9 @@ def open_routed_stream(cfg: DictConfig, run_tag: str, sources_of: Callable) -> R
 
     def single(name: str) -> TeacherStream:
         pool = TeacherPool.attach(pool_tag(run_tag, name), tcs[name].replicas, tcs[name].stages)
-        return TeacherStream(pool.actors, s.topk, s.prefetch, s.values_dtype, s.timeout_s)
+        return TeacherStream(
+            pool.actors, s.topk, s.prefetch, s.values_dtype, s.timeout_s, max_wait_s=s.max_wait_s
+        )
 
     streams = {name: single(name) for name in cfg.teachers}  # the teachers started for this run/phase
     targets: dict[str, Any] = {}
