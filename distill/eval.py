@@ -24,6 +24,19 @@ def eval_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type == "cpu" else torch.float32
 
 
+# Held-out rows are evaluated this many at a time at most: as many as keep one side's [rows, T, V]
+# log-probs within EVAL_CHUNK_BYTES (at least one row), however large trainer.micro_batch_size is.
+EVAL_CHUNK_BYTES = 512 * 2**20
+
+
+def eval_rows(micro_batch: int, seq_len: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per evaluation batch: `micro_batch`, fewer when their [rows, seq_len, vocab] log-probs in
+    `dtype` would exceed EVAL_CHUNK_BYTES (the teacher's reply and the student's log-probs are each that
+    size), never below one row."""
+    per_row = seq_len * vocab * torch.finfo(dtype).bits // 8
+    return max(1, min(micro_batch, EVAL_CHUNK_BYTES // per_row))
+
+
 def _agreed(teacher_log_probs, batch: np.ndarray) -> np.ndarray:
     """The teacher's answer, or TeacherStreamError on EVERY rank if any rank got none: the ranks agree
     before the model's forward (a collective under ZeRO-3) so none waits for a rank that has left."""
@@ -63,6 +76,7 @@ def _summed_over_ranks(
     reduced there (`sum_over_ranks`): one host sync for the whole evaluation."""
     device = next(model.parameters()).device
     dtype = eval_dtype(device)
+    micro_batch = eval_rows(micro_batch, sequences.shape[1], model.config.vocab_size, dtype)
     was_training = model.training
     model.eval()
     sums = torch.zeros(n, dtype=torch.float64, device=device)

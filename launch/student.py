@@ -229,6 +229,7 @@ def main(run_dir: Path) -> None:
     logger = RunLogger(run_dir, cfg.logger, json.loads(json.dumps(cfg_dict(cfg))), enabled=rank == 0)
 
     def run_eval(step: int) -> dict:
+        started, teacher_bytes = time.perf_counter(), getattr(stream, "eval_bytes", 0)
         if cfg.teachers:  # every domain's held-out set, against every teacher of the run
             metrics = evaluate_domains(engine.module.model, stream, domains, cfg, t.micro_batch_size)
         elif cached:  # no full teacher distribution: top-k + tail-bucket KL, agreement, perplexities
@@ -239,7 +240,11 @@ def main(run_dir: Path) -> None:
         else:
             log_probs, micro = stream.full_log_probs, t.micro_batch_size
             metrics = evaluate(engine.module.model, heldout, log_probs, micro, heldout_positions)
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        cost = {  # what this evaluation cost: its seconds and the teacher log-probs it pulled (this rank)
+            "eval_cost/seconds": time.perf_counter() - started,
+            "eval_cost/teacher_mib": (getattr(stream, "eval_bytes", 0) - teacher_bytes) / 2**20,
+        }
+        logger.log(step, {**{f"eval/{k}": v for k, v in metrics.items()}, **cost})
         if rank == 0:
             log.info("eval @ step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics

@@ -76,6 +76,28 @@ def test_evaluate_matches_the_reference(setup):
     assert student.training is False  # left as found
 
 
+def test_evaluation_takes_as_many_rows_as_fit_its_memory_budget(setup, monkeypatch):
+    """Rows per evaluation batch shrink so one side's [rows, T, V] log-probs stay within the budget (never
+    below one row); the metrics are the same sums, batch by batch."""
+    from distill import eval as ev
+
+    assert ev.eval_rows(64, 4096, 128_256, torch.float32) == 1  # a 2 GiB row: one at a time
+    assert ev.eval_rows(8, 256, 49_152, torch.float64) == 5  # SmolLM2 rows of 96 MiB in float64
+    assert ev.eval_rows(8, 32, 256, torch.float64) == 8  # small rows: the micro-batch as asked
+    sequences, mask, student, log_p, log_q = setup
+    row = {tuple(s): i for i, s in enumerate(sequences.tolist())}
+    asked = []
+
+    def full(batch):
+        asked.append(len(batch))
+        return log_p[[row[tuple(s)] for s in batch.tolist()]].numpy()
+
+    monkeypatch.setattr(ev, "EVAL_CHUNK_BYTES", T * VOCAB * 8)  # one float64 row
+    got = ev.evaluate(student, sequences, full, micro_batch=4, mask=mask)
+    assert asked == [1] * len(sequences)
+    assert got == pytest.approx(reference(sequences, mask, log_p, log_q), rel=1e-9)
+
+
 def test_evaluate_student_and_cached_match_the_reference(setup):
     from distill.eval import evaluate_cached, evaluate_student
 

@@ -129,6 +129,8 @@ class TeacherStream:
         self.stats = StreamStats(replicas=len(self.replicas))
         self._replica_index = {id(r): i for i, r in enumerate(self.replicas)}  # stable once some die
         self._ids = itertools.count()
+        self._eval_ids = itertools.count()
+        self.eval_bytes = 0  # full-vocabulary log-probs received for evaluation (its cost, logged per eval)
 
     def _submit(self, input_ids: np.ndarray, request_id: int | None = None) -> tuple[int, Any, Any]:
         """Send one request (round-robin over live replicas); returns (request id, replica, ObjectRef)."""
@@ -218,15 +220,21 @@ class TeacherStream:
             yield batch, out
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-vocabulary teacher log-probs (evaluation only), from the first replica still alive."""
+        """Full-vocabulary teacher log-probs (evaluation only). Requests go round-robin over the live replicas
+        (from this rank's own first one), so the ranks' evaluations spread over the pool."""
         import ray
 
+        request = next(self._eval_ids)
         while self.replicas:
-            replica = self.replicas[0]
+            replica = self.replicas[(request + self.first_replica) % len(self.replicas)]
             try:
-                return self._wait(replica.submit_full_log_probs(input_ids), "an evaluation request", replica)
+                answer = self._wait(
+                    replica.submit_full_log_probs(input_ids), "an evaluation request", replica
+                )
+                self.eval_bytes += answer.nbytes
+                return answer
             except ray.exceptions.RayActorError:
-                self.replicas.pop(0)
+                self.replicas.remove(replica)
                 log.warning("teacher replica died for good; %d replica(s) left", len(self.replicas))
         raise TeacherStreamError(
             "every teacher replica is dead (each exhausted its restarts); the run cannot continue"

@@ -80,6 +80,10 @@ class RoutedTeacherStream:
     def stats(self) -> StreamStats:
         return merged_stats([s.stats for s in self._streams])
 
+    @property
+    def eval_bytes(self) -> int:
+        return sum(s.eval_bytes for s in self._streams)
+
     def stream(self, batches: Iterable[Any], input_ids_of) -> Iterator[tuple[Any, TeacherOutput]]:
         """Each target streams its own parts (with its own prefetch); parts are read lazily, in order."""
         source, end = iter(batches), object()
