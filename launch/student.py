@@ -319,6 +319,8 @@ def main(run_dir: Path) -> None:
                 "train/lr": engine.get_lr()[0],
                 "train/tokens_per_s": normaliser / (elapsed_sum / world),
                 "stream/bytes_per_token": stream.stats.bytes / max(1, stream.stats.tokens),
+                # activations between a pipeline replica's stages, per token (summed over its hops)
+                "stream/hop_bytes_per_token": stream.stats.hop_bytes / max(1, stream.stats.tokens),
                 **StreamStats.metrics(teacher, wall_s=elapsed_sum / world, ranks=world),
             }
             for key, value in reduced.items():

@@ -52,12 +52,33 @@ def test_pipeline_topk_equals_the_unsharded_model(
         teacher.shutdown()
     values, indices = out.tensors()
     assert out.request_id == 7
+    assert out.hop_bytes == (stages - 1) * ids.size * model.config.hidden_size * 4  # fp32: 4 bytes/value
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
     hidden = out.hidden_tensors()
     for layer in (0, 2):
         torch.testing.assert_close(hidden[layer], ref.hidden_states[layer + 1], rtol=0, atol=1e-5)
+
+
+def test_activations_cross_stages_in_the_models_dtype(ray_runtime, tiny_teacher_dir):
+    """A bfloat16 replica sends its activations between stages as bfloat16 (2 bytes per value, half of
+    what the fp32 copies cost) and answers what the unsharded bfloat16 model answers."""
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 24), dtype=np.uint16)
+    model = load_causal_lm(tiny_teacher_dir, dtype="bfloat16").eval()
+    with torch.no_grad():
+        ref_values, ref_indices = torch.log_softmax(
+            model(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.float(), -1
+        ).topk(16, dim=-1)
+    teacher = PipelineTeacher.start(str(tiny_teacher_dir), 2, dtype="bfloat16", cpus_per_stage=0.5)
+    try:
+        out = ray.get(teacher.submit_topk(0, ids, 16, "float32"))
+    finally:
+        teacher.shutdown()
+    assert out.hop_bytes == ids.size * model.config.hidden_size * 2
+    values, indices = out.tensors()
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
 
 
 def test_online_run_with_a_two_stage_teacher(tiny_teacher_dir, tiny_student_dir, tmp_path):
@@ -78,6 +99,9 @@ def test_online_run_with_a_two_stage_teacher(tiny_teacher_dir, tiny_student_dir,
     assert proc.returncode == 0
     evals = [r for r in metrics(run_dir) if "eval/kl" in r]
     assert evals[-1]["eval/kl"] < 0.8 * evals[0]["eval/kl"]
+    # one hop of fp32 activations (the tiny teacher's width 64) per token, logged with the run's metrics
+    hops = [r["stream/hop_bytes_per_token"] for r in metrics(run_dir) if "stream/hop_bytes_per_token" in r]
+    assert hops and all(h == 64 * 4 for h in hops)
 
 
 def test_more_stages_than_layers_is_refused_before_compute(tiny_teacher_dir, tiny_student_dir, tmp_path):

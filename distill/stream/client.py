@@ -49,6 +49,7 @@ class StreamStats:
     tokens: int = 0
     requests: int = 0
     in_flight_sum: int = 0  # Σ over replies of this rank's outstanding requests when it arrived
+    hop_bytes: int = 0  # activations sent between pipeline stages for this rank's replies
     replica_tokens: list[int] = field(default_factory=list)
     replica_compute_s: list[float] = field(default_factory=list)
 
@@ -70,6 +71,7 @@ class StreamStats:
             self.tokens - earlier.tokens,
             self.requests - earlier.requests,
             self.in_flight_sum - earlier.in_flight_sum,
+            self.hop_bytes - earlier.hop_bytes,
             [a - b for a, b in zip(self.replica_tokens, earlier.replica_tokens)],
             [a - b for a, b in zip(self.replica_compute_s, earlier.replica_compute_s)],
         )
@@ -164,6 +166,7 @@ class TeacherStream:
             raise TeacherStreamError(f"reply {out.request_id} arrived for request {request_id}")
         tokens = out.indices.shape[0] * out.indices.shape[1]
         self.stats.bytes += out.nbytes
+        self.stats.hop_bytes += out.hop_bytes
         self.stats.tokens += tokens
         self.stats.requests += 1
         self.stats.in_flight_sum += in_flight

@@ -70,6 +70,7 @@ class TeacherOutput:
     compute_s: float
     hidden: np.ndarray | None = None  # same dtype scheme as `values`
     hidden_layers: list[int] | None = None
+    hop_bytes: int = 0  # activations a pipeline replica sent between its stages for this reply
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         values = _from_numpy(self.values, self.values_dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,26 @@ def _moved(value, device: torch.device):
     if isinstance(value, dict):
         return {k: _moved(v, device) for k, v in value.items()}
     return value
+
+
+def activations_out(hidden: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A stage's output activations for the next stage, in the model's dtype (bfloat16 as its uint16 bits:
+    numpy has none), with no copy on the host beyond the one off the GPU."""
+    name = str(hidden.dtype).removeprefix("torch.")
+    if hidden.dtype == torch.bfloat16:
+        hidden = hidden.view(torch.uint16)
+    return hidden.cpu().numpy(), name
+
+
+def activations_in(array: np.ndarray, name: str, device: torch.device) -> torch.Tensor:
+    """The previous stage's activations as a tensor on `device`, read in place from Ray's object store
+    (no copy on the host; the layers never write into their input)."""
+    with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes into them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    if name == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.to(device)
 
 
 class TeacherStage:
@@ -177,7 +198,7 @@ class TeacherStage:
             ids = torch.from_numpy(payload["input_ids"].astype(np.int64)).to(self.device)
             hidden = self.embed(ids)
         else:
-            hidden = torch.from_numpy(payload["activations"].copy()).to(self.device, self.dtype)
+            hidden = activations_in(payload["activations"], payload["activations_dtype"], self.device)
         if self.first and self.document_eos is not None:
             payload = {**payload, "position_ids": document_position_ids(ids, self.document_eos).cpu().numpy()}
         if payload.get("position_ids") is not None:  # packed documents: restarting positions, own-document
@@ -213,7 +234,8 @@ class TeacherStage:
         if self.last:
             result["final_hidden"] = self.norm(hidden)  # the head is applied by `topk` / `full_log_probs`
         else:
-            result["activations"] = hidden.float().cpu().numpy()
+            result["activations"], result["activations_dtype"] = activations_out(hidden)
+            result["hop_bytes"] = payload.get("hop_bytes", 0) + result["activations"].nbytes
         result.pop("input_ids", None)
         return result
 
@@ -223,7 +245,7 @@ class TeacherStage:
         layers = list(payload["hidden_layers"]) if payload.get("hidden_layers") else None
         hidden = torch.from_numpy(np.stack([result["collected"][j] for j in layers])) if layers else None
         values, indices = topk_log_probs(result["final_hidden"], self.head, k)
-        return pack_output(
+        out = pack_output(
             request_id,
             values,
             indices,
@@ -233,6 +255,8 @@ class TeacherStage:
             hidden,
             layers,
         )
+        out.hop_bytes = result.get("hop_bytes", 0)  # activations sent between this replica's stages
+        return out
 
     @torch.no_grad()
     def full_log_probs(self, payload: dict) -> np.ndarray:
