@@ -257,6 +257,27 @@ class DistillConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`python -m launch.plan`: the hardware and rates a capacity plan assumes (distill/plan.py)."""
+
+    gpu_memory_gib: float = 80.0  # per GPU (H100 80 GB; H200: 141)
+    usable_fraction: float = 0.9  # of it, for weights, states and activations (the rest: runtime, NCCL)
+    peak_tflops: float = 989.0  # dense bf16 per GPU (H100/H200 SXM)
+    teacher_mfu: float = 0.4  # model FLOPs utilisation of the teacher's forward
+    student_mfu: float = 0.35  # ... and of the student's training step
+    student_gpus: int = 8
+    # measured rates, when known (they replace the MFU estimates): tokens/s per GPU
+    teacher_tokens_per_s_per_gpu: float | None = None
+    student_tokens_per_s_per_gpu: float | None = None
+    tokens: float | None = None  # training tokens, for the run's hours and GPU-hours
+
+
+@dataclass
+class PlanRunConfig(DistillConfig):
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+@dataclass
 class CacheRunConfig:
     """`python -m launch.cache`: the teacher, data and top-k of a training run, plus where the cache goes."""
 
@@ -313,6 +334,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
     ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
     ConfigStore.instance().store(name="cache_schema", node=CacheRunConfig)
+    ConfigStore.instance().store(name="plan_schema", node=PlanRunConfig)
     ConfigStore.instance().store(name="tokenize_schema", node=TokenizeRunConfig)
 
 

@@ -1,0 +1,212 @@
+"""Capacity plan of a distillation run: what it costs per token, what fits on a GPU, how many teacher GPUs
+keep the students fed, and what crosses the wire. Pure arithmetic on the models' config.json (built on the
+meta device for exact parameter counts: no weights are read), so it runs for a 405B teacher on a laptop.
+
+Formulas (also in the README, "Capacity plan"):
+- forward FLOPs per token = 2 x (parameters in matmuls) + 2 x layers x seq_len x attention width
+  (causal attention: each token's scores and mixing over on average seq_len / 2 keys, 2 x 2 FLOPs each);
+  the LM head is one matmul even when tied to the embeddings, the embedding lookup is none;
+- student training FLOPs per token = 3 x forward (the backward costs twice the forward);
+- tokens/s per GPU = peak dense FLOP/s x MFU / FLOPs per token; teacher GPUs per student GPU = student
+  tokens/s per GPU / teacher tokens/s per GPU (measured rates replace the MFU estimate when given);
+- teacher memory per replica = weights (parameters x dtype bytes) + working memory (the micro-batch's
+  activations, 4 x B x T x hidden x dtype bytes, and the top-k reply's logits chunk); GPUs per replica =
+  ceil(that / usable memory per GPU);
+- student memory per GPU (mixed precision with fp32 master weights and Adam: 2 + 2 + 4 + 8 bytes per
+  parameter for weights, gradients, master copy and moments; fp32: 4 + 4 + 8): ZeRO-1 divides the
+  optimizer state (master + moments) by the ranks, ZeRO-2 the gradients too, ZeRO-3 the weights too;
+  activations ~ 34 x B x T x hidden bytes per layer in bf16 (Korthikanti et al. 2022, no attention-score
+  term with fused attention), with gradient checkpointing one layer's plus 2 x B x T x hidden per layer;
+  plus the fused loss's chunk of fp32 logits;
+- stream bytes/s = student tokens/s x (k x (value bytes + id bytes)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs of a causal LM, from its config.json."""
+
+    parameters: int  # every parameter once (a tied head is the embedding matrix)
+    matmul_parameters: (
+        int  # the weight matrices a token multiplies by: not the embedding lookup, the head once
+    )
+    layers: int
+    hidden: int
+    attention_width: int  # heads x head dim
+    vocab: int
+
+
+def model_shape(folder: str | Path) -> ModelShape:
+    """Exact counts from the model transformers builds for `folder`'s config.json on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2)  # norms and biases: no matmul
+    matmul = matrices - embedding.numel() + (head.numel() if head is embedding else 0)
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelShape(
+        parameters, matmul, text.num_hidden_layers, text.hidden_size, heads * head_dim, text.vocab_size
+    )
+
+
+def forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    return 2.0 * shape.matmul_parameters + 2.0 * shape.layers * seq_len * shape.attention_width
+
+
+def student_memory_bytes(
+    shape: ModelShape,
+    precision: str,
+    zero_stage: int,
+    ranks: int,
+    micro_batch: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    loss_chunk: int,
+) -> dict[str, float]:
+    """Bytes per student GPU, by part (see the module docstring)."""
+    n = shape.parameters
+    half = precision in ("bf16", "fp16")
+    weights, grads = (2 * n, 2 * n) if half else (4 * n, 4 * n)
+    optimizer = (4 * n if half else 0) + 8 * n  # fp32 master copy (mixed precision) + Adam's two moments
+    if zero_stage >= 1:
+        optimizer /= ranks
+    if zero_stage >= 2:
+        grads /= ranks
+    if zero_stage >= 3:
+        weights /= ranks
+    tokens = micro_batch * seq_len
+    per_layer = 34 * tokens * shape.hidden * (1 if half else 2)
+    if gradient_checkpointing:
+        activations = per_layer + shape.layers * 2 * tokens * shape.hidden * (1 if half else 2)
+    else:
+        activations = shape.layers * per_layer
+    loss = 2 * min(loss_chunk, tokens) * shape.vocab * 4
+    return {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": activations,
+        "loss": loss,
+    }
+
+
+def plan(
+    teacher: ModelShape,
+    student: ModelShape,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    teacher_dtype: str,
+    precision: str,
+    zero_stage: int,
+    student_gpus: int,
+    gradient_checkpointing: bool,
+    loss_chunk: int,
+    topk: int,
+    values_dtype: str,
+    gpu_memory_gib: float,
+    usable_fraction: float,
+    peak_tflops: float,
+    teacher_mfu: float,
+    student_mfu: float,
+    teacher_tokens_per_s_per_gpu: float | None = None,
+    student_tokens_per_s_per_gpu: float | None = None,
+    tokens: float | None = None,
+) -> dict:
+    """The plan of one composed run, as a JSON-able dict (see the module docstring for each formula)."""
+    usable = gpu_memory_gib * 2**30 * usable_fraction
+    teacher_fwd = forward_flops_per_token(teacher, seq_len)
+    student_train = 3 * forward_flops_per_token(student, seq_len)
+    teacher_tps = teacher_tokens_per_s_per_gpu or peak_tflops * 1e12 * teacher_mfu / teacher_fwd
+    student_tps = student_tokens_per_s_per_gpu or peak_tflops * 1e12 * student_mfu / student_train
+    ratio = student_tps / teacher_tps  # teacher GPUs per student GPU
+    teacher_weights = teacher.parameters * BYTES[teacher_dtype]
+    working = 4 * micro_batch * seq_len * teacher.hidden * BYTES[teacher_dtype] + 2 * 256 * 2**20
+    gpus_per_replica = math.ceil((teacher_weights + working) / usable)
+    teacher_gpus = math.ceil(ratio * student_gpus)
+    replicas = max(1, math.ceil(teacher_gpus / gpus_per_replica))
+    student_mem = student_memory_bytes(
+        student, precision, zero_stage, student_gpus, micro_batch, seq_len, gradient_checkpointing, loss_chunk
+    )
+    bytes_per_token = topk * (BYTES[values_dtype] + (2 if student.vocab <= 65536 else 4))
+    students_tps = student_tps * student_gpus
+    out = {
+        "teacher": {
+            **asdict(teacher),
+            "forward_flops_per_token": teacher_fwd,
+            "tokens_per_s_per_gpu": teacher_tps,
+            "weights_gib": teacher_weights / 2**30,
+            "gpus_per_replica": gpus_per_replica,
+            "replicas": replicas,
+            "gpus": replicas * gpus_per_replica,
+        },
+        "student": {
+            **asdict(student),
+            "train_flops_per_token": student_train,
+            "tokens_per_s_per_gpu": student_tps,
+            "gpus": student_gpus,
+            "memory_gib_per_gpu": {k: v / 2**30 for k, v in student_mem.items()},
+            "memory_gib_per_gpu_total": sum(student_mem.values()) / 2**30,
+            "fits": sum(student_mem.values()) <= usable,
+        },
+        "teacher_gpus_per_student_gpu": ratio,
+        "teacher_to_student_flops": teacher_fwd / student_train,
+        "stream_bytes_per_token": bytes_per_token,
+        "stream_mb_per_s": students_tps * bytes_per_token / 1e6,
+        "students_tokens_per_s": students_tps,
+        "usable_gib_per_gpu": usable / 2**30,
+    }
+    if tokens:
+        out["tokens"] = tokens
+        out["hours"] = tokens / students_tps / 3600
+        out["gpu_hours"] = out["hours"] * (student_gpus + replicas * gpus_per_replica)
+    return out
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def describe(p: dict) -> str:
+    """The plan as the lines `launch.plan` prints."""
+    t, s = p["teacher"], p["student"]
+    mem = ", ".join(f"{k} {v:.1f}" for k, v in s["memory_gib_per_gpu"].items())
+    fits = "fits" if s["fits"] else "DOES NOT FIT (more ranks, ZeRO-3, gradient checkpointing)"
+    lines = [
+        f"teacher   {_si(t['parameters'])} parameters, {_si(t['forward_flops_per_token'])}FLOP/token "
+        f"forward, weights {t['weights_gib']:.1f} GiB -> {t['gpus_per_replica']} GPU(s) per replica "
+        f"({p['usable_gib_per_gpu']:.0f} GiB usable each)",
+        f"student   {_si(s['parameters'])} parameters, {_si(s['train_flops_per_token'])}FLOP/token training, "
+        f"{s['memory_gib_per_gpu_total']:.1f} GiB per GPU ({mem}): {fits}",
+        f"rates     teacher {_si(t['tokens_per_s_per_gpu'])} tokens/s per GPU, student "
+        f"{_si(s['tokens_per_s_per_gpu'])} -> {p['teacher_gpus_per_student_gpu']:.2f} teacher GPUs per "
+        f"student GPU (teacher:student FLOPs per token {p['teacher_to_student_flops']:.2f})",
+        f"layout    {s['gpus']} student GPUs + {t['replicas']} replica(s) x {t['gpus_per_replica']} teacher "
+        f"GPUs (teacher.replicas={t['replicas']} teacher.gpus_per_replica={t['gpus_per_replica']})",
+        f"stream    {p['stream_bytes_per_token']} bytes/token x {_si(p['students_tokens_per_s'])} tokens/s = "
+        f"{p['stream_mb_per_s']:.1f} MB/s",
+    ]
+    if "hours" in p:
+        hours = f"{p['hours']:.1f} h, {_si(p['gpu_hours'])} GPU-hours"
+        lines.append(f"time      {_si(p['tokens'])} tokens: {hours}")
+    return "\n".join(lines)

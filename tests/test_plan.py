@@ -1,0 +1,107 @@
+"""The capacity plan (distill/plan.py, `python -m launch.plan`): its FLOP counts against PyTorch's own
+FLOP counter on a real model, its parameter counts against the closed form of a Llama, its ZeRO memory
+arithmetic by hand, and the command on config-only folders of a 405B teacher and an 8B student."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_online import run_module
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM
+
+from distill.plan import forward_flops_per_token, model_shape, student_memory_bytes
+
+LLAMA_405B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 16384,
+    "intermediate_size": 53248,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 126,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA_8B = {**LLAMA_405B, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}
+LLAMA_8B["num_hidden_layers"] = 32
+
+
+def config_folder(tmp_path, name: str, config: dict):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_flops_per_token_equal_pytorchs_flop_counter(tiny_teacher_dir):
+    """Eager attention computes the full [T, T] scores, so PyTorch counts twice the causal attention term
+    the plan charges; the matmuls match exactly, and a training step counts three forwards."""
+    shape = model_shape(tiny_teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, attn_implementation="eager")
+    ids = torch.randint(0, 256, (2, 64))
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model(input_ids=ids)
+    with FlopCounterMode(display=False) as step:
+        model(input_ids=ids).logits.sum().backward()
+    attention = 2 * shape.layers * 64 * shape.attention_width
+    assert forward.get_total_flops() / ids.numel() == forward_flops_per_token(shape, 64) + attention
+    assert step.get_total_flops() == 3 * forward.get_total_flops()
+
+
+def test_parameter_counts_equal_the_closed_form_of_a_llama(tmp_path):
+    c = LLAMA_405B
+    d, layers, vocab, ff = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
+    head_dim = d // c["num_attention_heads"]
+    attention = d * d + 2 * d * c["num_key_value_heads"] * head_dim + d * d
+    per_layer = attention + 3 * d * ff + 2 * d  # + two RMSNorm weights
+    total = 2 * vocab * d + layers * per_layer + d  # embedding, untied head, final norm
+    shape = model_shape(config_folder(tmp_path, "405b", c))
+    assert shape.parameters == total == 405_853_388_800
+    assert shape.matmul_parameters == total - vocab * d - layers * 2 * d - d  # no lookup, no norms
+
+
+def test_zero_stages_divide_the_student_state_by_the_ranks(tmp_path):
+    shape = model_shape(config_folder(tmp_path, "8b", LLAMA_8B))
+    n = shape.parameters
+
+    def memory(stage, precision="bf16"):
+        return student_memory_bytes(shape, precision, stage, 8, 1, 4096, False, 1024)
+
+    assert (
+        memory(0)["weights"] == 2 * n and memory(0)["gradients"] == 2 * n and memory(0)["optimizer"] == 12 * n
+    )
+    assert memory(1)["optimizer"] == 12 * n / 8 and memory(1)["gradients"] == 2 * n
+    assert memory(2)["gradients"] == 2 * n / 8 and memory(2)["weights"] == 2 * n
+    assert memory(3)["weights"] == 2 * n / 8
+    assert memory(0, "fp32")["weights"] == 4 * n and memory(0, "fp32")["optimizer"] == 8 * n
+
+
+def test_the_plan_command_on_a_405b_teacher_and_an_8b_student(tmp_path):
+    teacher, student = config_folder(tmp_path, "405b", LLAMA_405B), config_folder(tmp_path, "8b", LLAMA_8B)
+    args = [
+        "teacher=local",
+        f"teacher.model.name_or_path={teacher}",
+        "student=local",
+        f"student.model.name_or_path={student}",
+        "data.seq_len=4096",
+        "trainer.micro_batch_size=1",
+        "plan.student_gpus=64",
+        "plan.tokens=1e12",
+    ]
+    proc = run_module("launch.plan", args)
+    assert proc.returncode == 0
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    t = plan["teacher"]
+    assert t["weights_gib"] == pytest.approx(405_853_388_800 * 2 / 2**30)
+    assert t["gpus_per_replica"] == 11  # 756 GiB of bf16 weights over 72 usable GiB per 80 GiB GPU
+    assert plan["stream_bytes_per_token"] == 64 * (2 + 4)  # fp16 values, int32 ids (vocab > 65,536)
+    ratio = plan["teacher_gpus_per_student_gpu"]
+    assert ratio == pytest.approx(plan["teacher_to_student_flops"] * 0.35 / 0.4)  # the MFUs' ratio
+    assert t["replicas"] * t["gpus_per_replica"] >= ratio * 64
+    assert "teacher.replicas=" in proc.stdout and "GPU-hours" in proc.stdout
+
+    refused = run_module("launch.plan", [*args, "plan.teacher_mfu=0"])
+    assert refused.returncode == 2 and "plan.teacher_mfu=0" in refused.stderr
