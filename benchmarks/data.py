@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's distill, not whichever one is installed
 
 
 def corpus(path: Path, megabytes: float) -> Path:

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from distill.data import DataError, StepSampler, load_documents, pack_documents
 from distill.data import shards as shards_module
 from distill.data.indexed import IndexedShard, ShardWriter
-from distill.data.shards import Windows, check_dataset, dataset_windows
+from distill.data.shards import TrainWindows, Windows, check_dataset, dataset_windows
 from distill.data.tokenize import TokenizeSpec, in_heldout, plan_pieces, tokenize
 
 
@@ -188,9 +188,43 @@ def test_windows_read_each_shards_tokens_in_order(tmp_path, monkeypatch):
         list(range(1000, 1016)),
         list(range(1032, 1048)),
     ]
-    assert len(windows.shards._open) == 1  # at most MAX_OPEN memory maps open
+    assert len(windows.shards._open) == 1  # at most MAX_OPEN shard files open
     with pytest.raises(IndexError):
         windows.read(np.array([9]))
+
+
+def test_train_windows_route_global_indices_to_their_source(tmp_path, tiny_tokenizer_dir):
+    """One source (read directly) and two (routed by offset) give each source's own windows."""
+    pydoc_jsonl(tmp_path / "a.jsonl")
+    tokenize(TokenizeSpec(str(tmp_path / "a.jsonl"), str(tiny_tokenizer_dir)), tmp_path / "out")
+    full = dataset_windows(tmp_path / "out", "train", 64)
+    for sources in ([{"path": str(tmp_path / "out")}], [{"path": str(tmp_path / "out"), "cap": 5}] * 2):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        spec = {"seq_len": 64, "sources": sources, "digest": "x"}
+        (tmp_path / "run" / "dataset.json").write_text(json.dumps(spec))
+        train = TrainWindows(tmp_path / "run")
+        idx = np.array([len(train) - 1, 0, 3, 0])
+        local = idx - train.offsets[train.source_of(idx)]
+        assert (train[idx] == full.read(local)).all() and train.target_mask(idx) is None
+        with pytest.raises(IndexError):
+            train[np.array([len(train)])]
+
+
+def test_windows_of_a_truncated_or_other_dtype_shard(tmp_path):
+    """A window past a shard file's end (a truncated .bin) is refused naming the file, not returned short;
+    shards of two dtypes read into the first row's dtype, value for value."""
+    for name, dtype, n in (("u16", np.uint16, 64), ("i32", np.int32, 64)):
+        writer = ShardWriter(tmp_path / name, dtype)
+        writer.add(np.arange(n, dtype=dtype) + (70000 if dtype == np.int32 else 0))
+        writer.finish()
+    windows = Windows([tmp_path / "u16", tmp_path / "i32"], [64, 64], seq_len=16)
+    got = windows.read([5, 1])
+    assert got.dtype == np.int32 and got.tolist() == [list(range(70016, 70032)), list(range(16, 32))]
+    (tmp_path / "u16.bin").write_bytes((tmp_path / "u16.bin").read_bytes()[:100])  # 50 of 64 tokens left
+    windows = Windows([tmp_path / "u16"], [64], seq_len=16)
+    assert windows.read([2]).tolist() == [list(range(32, 48))]
+    with pytest.raises(DataError, match=r"u16\.bin: window 3 is past the file's end .*truncated"):
+        windows.read([3])
 
 
 def test_dataset_windows_cap(tmp_path, tiny_tokenizer_dir):
@@ -261,6 +295,34 @@ def test_the_small_permutation_path_equals_the_array_path(n, monkeypatch):
     if n <= 1000:  # and a permutation of [0, n)
         monkeypatch.setattr(sampler, "SMALL", 10**9)
         assert sorted(sampler.permute(np.arange(n), n, key=3).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 255, 256, 257, 1023, 1025, 4097])
+def test_the_permutation_is_a_bijection_for_every_n(n, monkeypatch):
+    """Cycle walking restricts the Feistel network to [0, n) for any n, tiny, odd or a power of two, on
+    both paths (plain Python integers and arrays), with any key."""
+    from distill.data import sampler
+
+    for key in (0, 7, 2**64 - 1):
+        images = []
+        for small in (10**9, -1):
+            monkeypatch.setattr(sampler, "SMALL", small)
+            images.append(sampler.permute(np.arange(n), n, key=key).tolist())
+        assert images[0] == images[1] and sorted(images[0]) == list(range(n))
+
+
+@pytest.mark.parametrize("n", [2**40, 2**40 + 1, 2**62 + 1])
+def test_the_permutation_covers_huge_n_exactly(n, monkeypatch):
+    """The domain is sized with integer arithmetic: a float log2 of 2^62 + 1 is 62, which would leave the
+    top position out of the domain."""
+    from distill.data import sampler
+
+    positions = np.array([0, 1, n // 2, n - 2, n - 1], dtype=np.int64)
+    images = []
+    for small in (10**9, -1):
+        monkeypatch.setattr(sampler, "SMALL", small)
+        images.append(sampler.permute(positions, n, key=5).tolist())
+    assert images[0] == images[1] and len(set(images[0])) == 5 and all(0 <= v < n for v in images[0])
 
 
 def test_sampler_refuses_what_cannot_work():

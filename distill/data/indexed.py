@@ -125,8 +125,8 @@ class IndexedShard:
                 return np.zeros(0, self.dtype)
             with open(self.prefix.with_suffix(".bin"), "rb") as f:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            # training reads windows at random offsets: no read-ahead around each one (measured: 100x
-            # fewer bytes faulted in per window on a cold page cache; benchmarks/data.py loader)
+            # random access (a Megatron import's documents, `IndexedShard.tokens` users): no read-ahead
+            # around each fault (training reads its windows with preadv instead: distill/data/shards.py)
             mapped.madvise(mmap.MADV_RANDOM)
             self._tokens = np.frombuffer(mapped, self.dtype)
         return self._tokens

@@ -9,14 +9,16 @@ index: with a = (w_1 + ... + w_k) * B for a global batch of B windows, source k'
 steps is C_k(s) = floor(a_k s) - floor(a_{k-1} s). It is within one window of w_k * B * s at every step
 (realised proportions are exact to 1 / (B s)), its increments sum to B, and it never decreases while
 w_k * B >= 1. Step s takes positions [C_k(s), C_k(s+1)) of source k's stream. The step's B windows are
-then shuffled (a permutation of [0, B) keyed by (seed, step)) and dealt to ranks: rank r takes micro-batch
-slots r, r + ranks, ..., so every split of one global batch over ranks and accumulation trains the same set;
-a rank computes only its own B / ranks indices.
+then shuffled (a permutation of [0, B) keyed by (seed, step); with one source its stream is shuffled
+already and slot j is simply stream position B s + j) and dealt to ranks: rank r takes micro-batch slots
+r, r + ranks, ..., so every split of one global batch over ranks and accumulation trains the same set; a
+rank computes only its own B / ranks indices.
 Because the position is just the step, the sampler's state checkpoints as one integer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -53,20 +55,33 @@ def _key(*parts: int) -> int:
     return k
 
 
-def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
+@functools.lru_cache(maxsize=256)
+def _round_keys(key: int, rounds: int) -> tuple[int, ...]:
+    """Each Feistel round's key under `key`. Cached: an epoch's permutation is evaluated every step with
+    the same keys (and deriving them costs as much as permuting a few positions)."""
+    return tuple(_key(key, r) for r in range(rounds))
+
+
+def permute(positions, n: int, key: int, rounds: int = 4) -> np.ndarray:
     """The image of `positions` (each in [0, n)) under a keyed pseudo-random permutation of [0, n).
 
     A balanced Feistel network (4 rounds: Luby-Rackoff's pseudo-random permutation) over the smallest even
     number of bits covering n is a permutation of [0, 2^bits); applying it again while a value falls
     outside [0, n) (cycle walking) restricts it to a permutation of [0, n). 2^bits < 4n, so a value needs
-    fewer than 4 applications on average."""
-    x = np.asarray(positions, dtype=np.uint64)
+    fewer than 4 applications on average.
+
+    Each round hashes with the full splitmix64 finaliser. Cheaper permutations were measured (three such
+    rounds; three or four of a multiply-add-shift or a multiply-xorshift): each left the offset
+    p(x + d) - p(x) detectably non-uniform over x for some small d (chi-square over 2.4M windows), so the
+    loader's cost was cut elsewhere (benchmarks/data.py loader)."""
     if n <= 1:
-        return x.astype(np.int64)
-    half = max(1, math.ceil(math.log2(n) / 2))
-    keys = [_key(key, r) for r in range(rounds)]
-    if x.size <= SMALL:
-        return _permute_small(x.tolist(), n, half, keys)
+        return np.asarray(positions, dtype=np.int64)
+    half = max(1, ((n - 1).bit_length() + 1) // 2)  # exact: a float log2 rounds near large powers of two
+    keys = _round_keys(key, rounds)
+    if len(positions) <= SMALL:
+        values = positions.tolist() if isinstance(positions, np.ndarray) else list(positions)
+        return np.asarray(_permute_small(values, n, half, keys), dtype=np.int64)
+    x = np.asarray(positions, dtype=np.uint64)
     lo_mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
 
     def feistel(v: np.ndarray) -> np.ndarray:
@@ -91,28 +106,25 @@ def permute(positions: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndar
 SMALL = 48  # up to this many positions, plain Python integers beat numpy's per-call overhead
 
 
-def _permute_small(positions: list[int], n: int, half: int, keys: list[int]) -> np.ndarray:
+def _permute_small(positions: list[int], n: int, half: int, keys: tuple[int, ...]) -> list[int]:
     """`permute` in plain Python integers, value for value the same: a rank permutes a few dozen
     positions a step, where numpy's fixed cost per operation (a microsecond) dominates."""
     lo_mask = (1 << half) - 1
     adds = [(k * _GOLDEN) & _M64 for k in keys]
-
-    def feistel(v: int) -> int:
-        left, right = v >> half, v & lo_mask
-        for add in adds:
-            z = (right + add) & _M64
-            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-            left, right = right, left ^ ((z ^ (z >> 31)) & lo_mask)
-        return (left << half) | right
-
     out = []
     for v in positions:
-        v = feistel(v)
-        while v >= n:  # cycle walking
-            v = feistel(v)
+        while True:  # cycle walking
+            left, right = v >> half, v & lo_mask
+            for add in adds:
+                z = right + add & _M64
+                z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9 & _M64
+                z = (z ^ z >> 27) * 0x94D049BB133111EB & _M64
+                left, right = right, left ^ (z ^ z >> 31) & lo_mask
+            v = left << half | right
+            if v < n:
+                break
         out.append(v)
-    return np.asarray(out, dtype=np.int64)
+    return out
 
 
 class StepSampler:
@@ -168,11 +180,13 @@ class StepSampler:
     def global_batch_indices(self, step: int, slots: np.ndarray | None = None) -> np.ndarray:
         """Global window indices at micro-batch positions `slots` of step `step` (all B when None), in O(len
         (slots)): position j of the step is dealt, by a permutation of [0, B) keyed by (seed, step), the j'-th
-        window of the step's by-source list, i.e. one of source k's stream positions [C_k(s), C_k(s+1))."""
+        window of the step's by-source list, i.e. one of source k's stream positions [C_k(s), C_k(s+1)). With
+        one source, position j is stream position B s + j: the epoch's permutation has shuffled the stream
+        already, and a second permutation would double a rank's cost for nothing."""
         slots = np.arange(self.global_batch) if slots is None else np.asarray(slots, dtype=np.int64)
+        if len(self.sizes) == 1:  # one source: C(s) = B s
+            return self._stream_windows(0, step * self.global_batch + slots)
         dealt = permute(slots, self.global_batch, _key(self.seed, step, 0x5EED))
-        if len(self.sizes) == 1:  # one source: C(s) = B s, so the stream positions are B s + the dealt slot
-            return self._stream_windows(0, step * self.global_batch + dealt)
         start, end = self.source_counts(step), self.source_counts(step + 1)
         before = np.concatenate([[0], np.cumsum(end - start)])
         source = np.searchsorted(before, dealt, side="right") - 1

@@ -4,7 +4,7 @@ A tokenised dataset (`manifest.json` + Megatron `.bin`/`.idx` shards, distill/da
 read time into windows of `seq_len` tokens: window w of a shard is its tokens [w * seq_len, (w + 1) *
 seq_len) (documents run on across windows, EOS-separated, as packing always did; each shard's last partial
 window is left out). A run's training data is one or more such datasets (named sources) laid end to end;
-`TrainWindows[idx]` reads just those windows from memory maps, keeping at most `MAX_OPEN` shard files
+`TrainWindows[idx]` reads just those windows (one `preadv` each), keeping at most `MAX_OPEN` shard files
 open. `check_dataset` is what `prepare` runs: the manifest, the tokenizer and every shard's size, from
 file metadata only, in seconds for any corpus size.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -70,18 +71,33 @@ def check_dataset(folder: Path, tokenizer_sha256: str | None = None, tokenizer_d
 
 
 class _OpenShards:
-    """An LRU of memory-mapped shards: a dataset of 10,000 shards keeps at most `MAX_OPEN` files open."""
+    """An LRU of open shard files: a dataset of 10,000 shards keeps at most `MAX_OPEN` files open."""
 
     def __init__(self, prefixes: list[Path]):
         self.prefixes = prefixes
-        self._open: OrderedDict[int, IndexedShard] = OrderedDict()
+        self._open: OrderedDict[int, tuple[int, np.dtype]] = OrderedDict()
 
-    def tokens(self, i: int) -> np.ndarray:
-        shard = self._open.pop(i, None) or IndexedShard(self.prefixes[i])
-        self._open[i] = shard
+    def file(self, i: int) -> tuple[int, np.dtype]:
+        """Shard i's `.bin`, open (a file descriptor), and its token dtype."""
+        entry = self._open.get(i)
+        if entry is not None:
+            self._open.move_to_end(i)
+            return entry
+        dtype = IndexedShard(self.prefixes[i]).dtype  # the header: the shard's dtype, and that it is one
+        fd = os.open(self.prefixes[i].with_suffix(".bin"), os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            # windows are read at random offsets: no read-ahead, even where two happen to be consecutive
+            # (a read at a random offset reads just its own pages anyway: 8 KB of page cache per 8 KB
+            # window, measured; a memory map read around each fault, 100x that)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self._open[i] = entry = (fd, dtype)
         while len(self._open) > MAX_OPEN:
-            self._open.popitem(last=False)[1].close()
-        return shard.tokens
+            os.close(self._open.popitem(last=False)[1][0])
+        return entry
+
+    def __del__(self):
+        for fd, _ in getattr(self, "_open", {}).values():
+            os.close(fd)
 
 
 class Windows:
@@ -101,19 +117,31 @@ class Windows:
     def read(self, idx) -> np.ndarray:
         """Windows `idx` (any order, repeats allowed) as an array [len(idx), seq_len]. A rank reads a few
         windows per micro-batch: plain Python per row (bisect over the shard starts) beats numpy's fixed
-        cost per call here."""
+        cost per call here, and each row is one `preadv` straight into the output (a memory map faulted
+        the row in page by page, twice the time on a cold page cache; benchmarks/data.py loader)."""
         rows = np.asarray(idx, dtype=np.int64).tolist()
+        if not rows:
+            return np.zeros((0, self.seq_len), dtype=np.int32)
+        starts, count, seq_len = self._starts, self.count, self.seq_len
         out = None
         for row, i in enumerate(rows):
-            if not 0 <= i < self.count:
-                raise IndexError(f"window index {i} out of range [0, {self.count})")
-            s = bisect.bisect_right(self._starts, i) - 1
-            tokens = self.shards.tokens(s)
-            w = i - self._starts[s]
+            if not 0 <= i < count:
+                raise IndexError(f"window index {i} out of range [0, {count})")
+            s = bisect.bisect_right(starts, i) - 1
+            fd, dtype = self.shards.file(s)
             if out is None:
-                out = np.empty((len(rows), self.seq_len), dtype=tokens.dtype)
-            out[row] = tokens[w * self.seq_len : (w + 1) * self.seq_len]
-        return out if out is not None else np.zeros((0, self.seq_len), dtype=np.int32)
+                out = np.empty((len(rows), seq_len), dtype=dtype)
+            same = dtype == out.dtype  # else a shard of another dtype than the first row's: converted
+            into = out[row] if same else np.empty(seq_len, dtype)
+            got = os.preadv(fd, [into], (i - starts[s]) * into.nbytes)
+            if got != into.nbytes:
+                raise DataError(
+                    f"{self.shards.prefixes[s]}.bin: window {i - starts[s]} is past the file's end ({got} of "
+                    f"{into.nbytes} bytes read): the shard is truncated; re-tokenise it."
+                )
+            if not same:
+                out[row] = into
+        return out
 
 
 def dataset_windows(folder: Path, split: str, seq_len: int, cap: int | None = None) -> Windows:
@@ -154,6 +182,9 @@ class TrainWindows:
         return ids[self.source_of(idx)]
 
     def _gather(self, idx: np.ndarray, masks: bool) -> np.ndarray | None:
+        if len(self.sources) == 1:  # global indices are the source's own: no numpy calls to route them
+            windows = self.sources[0][1] if masks else self.sources[0][0]
+            return None if windows is None else windows.read(idx)
         idx = np.asarray(idx, dtype=np.int64)
         src = self.source_of(idx)
         parts = {}
