@@ -174,26 +174,34 @@ def test_too_few_gpus_is_a_config_error(visible, teachers, students, ranks, says
 # ---------------------------------------------------------------- metric sums left on the device
 
 
-def test_loss_metrics_stay_on_the_device_with_the_same_numbers():
-    """Inside `metrics_on_device` the KD, cross-entropy and feature losses return their metric sums as
-    tensors (what the rank loop sums without a host sync per micro-batch), equal to the floats otherwise."""
-    from distill.losses import DistillationLoss, FeatureProjector, metrics_on_device
+def loss_runs(hidden, weight, values, indices, labels, mask, projector, teacher_hidden) -> dict:
+    """Every loss the rank loop can call (KD fused and plain with CE, CE alone fused and plain, features)
+    on the same inputs, as name -> a function returning its LossOutput."""
+    from distill.losses import DistillationLoss
     from distill.losses.ce import cross_entropy, fused_cross_entropy
 
-    g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(2, 5, 8, generator=g), torch.randn(30, 8, generator=g)
-    values, indices = torch.randn(2, 5, 4, generator=g).log_softmax(-1) - 1, torch.randint(0, 30, (2, 5, 4))
-    labels, mask = torch.randint(0, 30, (2, 5), generator=g), torch.rand(2, 5, generator=g) > 0.3
     loss_fn = DistillationLoss(ce_weight=0.5, chunk_size=3)
-    projector = FeatureProjector({0: 1}, 8, 6, "mse", 1.0)
-    teacher_hidden = {1: torch.randn(2, 5, 6, generator=g)}
-    runs = {
+    return {
         "fused": lambda: loss_fn.fused(hidden, weight, values, indices, labels, mask, 7.0),
         "plain": lambda: loss_fn(hidden @ weight.T, values, indices, labels, mask, 7.0),
         "ce": lambda: cross_entropy(hidden @ weight.T, labels, mask, 7.0),
         "fused_ce": lambda: fused_cross_entropy(hidden, weight, labels, mask, 7.0, 3),
         "features": lambda: projector({0: hidden}, teacher_hidden, mask, 7.0),
     }
+
+
+def test_loss_metrics_stay_on_the_device_with_the_same_numbers():
+    """Inside `metrics_on_device` the KD, cross-entropy and feature losses return their metric sums as
+    tensors (what the rank loop sums without a host sync per micro-batch), equal to the floats otherwise."""
+    from distill.losses import FeatureProjector, metrics_on_device
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8, generator=g), torch.randn(30, 8, generator=g)
+    values, indices = torch.randn(2, 5, 4, generator=g).log_softmax(-1) - 1, torch.randint(0, 30, (2, 5, 4))
+    labels, mask = torch.randint(0, 30, (2, 5), generator=g), torch.rand(2, 5, generator=g) > 0.3
+    projector = FeatureProjector({0: 1}, 8, 6, "mse", 1.0)
+    teacher_hidden = {1: torch.randn(2, 5, 6, generator=g)}
+    runs = loss_runs(hidden, weight, values, indices, labels, mask, projector, teacher_hidden)
     for name, run in runs.items():
         as_floats = run().metrics
         with metrics_on_device():
@@ -215,7 +223,6 @@ def test_a_micro_batch_never_waits_for_the_device():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from distill.losses import DistillationLoss, FeatureProjector, metrics_on_device
-    from distill.losses.ce import cross_entropy, fused_cross_entropy
     from distill.student.objective import StudentObjective
 
     meta = torch.device("meta")
@@ -228,13 +235,7 @@ def test_a_micro_batch_never_waits_for_the_device():
     loss_fn = DistillationLoss(ce_weight=0.5, chunk_size=3)
     projector = FeatureProjector({0: 1}, 8, 6, "mse", 1.0).to(meta)
     teacher_hidden = {1: torch.empty(2, 5, 6, device=meta)}
-    runs = {
-        "fused": lambda: loss_fn.fused(hidden, weight, values, indices, labels, mask, 7.0),
-        "plain": lambda: loss_fn(hidden @ weight.T, values, indices, labels, mask, 7.0),
-        "ce": lambda: cross_entropy(hidden @ weight.T, labels, mask, 7.0),
-        "fused_ce": lambda: fused_cross_entropy(hidden, weight, labels, mask, 7.0, 3),
-        "features": lambda: projector({0: hidden}, teacher_hidden, mask, 7.0),
-    }
+    runs = loss_runs(hidden, weight, values, indices, labels, mask, projector, teacher_hidden)
     with metrics_on_device():
         for name, run in runs.items():
             out = run()
