@@ -1,8 +1,13 @@
-"""Pipeline-sharded teacher: per-stage peak host memory vs its share of the weights, and throughput
-of N stages vs 1 on the same model with several micro-batches in flight. Prints one JSON object.
+"""Sharded teacher replicas: throughput and per-actor peak host memory vs its share of the weights, for
+pipeline stages (PP) x tensor-parallel ranks per stage (TP), with several micro-batches in flight. Prints
+one JSON object: one row per (TP, PP), the first being the unsharded replica the others are compared to.
 
-    python benchmarks/pipeline.py                       # SmolLM2-135M, 1 vs 2 stages, 4x128 tokens
-    python benchmarks/pipeline.py --stages 3 --batches 12
+    python benchmarks/pipeline.py                             # SmolLM2-135M: TP 1/3 x PP 1/2, 4x128 tokens
+    python benchmarks/pipeline.py --stages 1 3 --batches 12   # TP 1 x PP 1/3
+    python benchmarks/pipeline.py --tensor-parallel 1 --stages 1 2
+
+SmolLM2-135M has 9 attention heads and 3 key/value heads, so TP=2 cannot split it (refused before any
+actor starts); TP=3 is its smallest tensor-parallel size. On CPU the ranks talk over gloo (TCP on one host).
 """
 
 from __future__ import annotations
@@ -19,35 +24,50 @@ from distill.teacher import connect_ray
 from distill.teacher.pipeline import PipelineTeacher
 
 
-def measure(model_dir: str, stages: int, batches: list[np.ndarray], in_flight: int, threads: int) -> dict:
-    teacher = PipelineTeacher.start(model_dir, stages, dtype="float32", threads=threads, cpus_per_stage=0.1)
+def measure(
+    model_dir: str, stages: int, tp: int, batches: list[np.ndarray], in_flight: int, threads: int
+) -> dict:
+    """Throughput of one replica of `stages` x `tp` actors over `batches`, and every actor's memory."""
+    teacher = PipelineTeacher.start(
+        model_dir,
+        stages,
+        dtype="float32",
+        threads=threads,
+        cpus_per_stage=0.1,
+        name=f"bench-tp{tp}-pp{stages}",  # unique: the previous row's actors may still hold their names
+        tensor_parallel=tp,
+    )
     try:
         info = ray.get(teacher.info())
         ray.get(teacher.submit_topk(-1, batches[0], 64))  # warm-up
-        start, pending, done = time.perf_counter(), [], 0
+        start, pending = time.perf_counter(), []
         for i, batch in enumerate(batches):
             pending.append(teacher.submit_topk(i, batch, 64))
             if len(pending) >= in_flight:
                 ray.get(pending.pop(0))
-                done += 1
         ray.get(pending)
         elapsed = time.perf_counter() - start
-        # after the forwards: every weight page a stage uses has been read, so it is resident now
-        memory = ray.get([s.memory.remote() for s in teacher.stages])
+        # after the forwards: every weight page an actor uses has been read, so it is resident now
+        memory = ray.get([actor.memory.remote() for group in teacher.groups for actor in group])
     finally:
         teacher.shutdown()
     tokens = sum(b.size for b in batches)
+    ranks = [(s, r) for s, stage in enumerate(info["stages"]) for r in stage.get("ranks", [stage])]
     return {
+        "tensor_parallel": tp,
         "stages": stages,
+        "actors": stages * tp,
         "tokens_per_s": round(tokens / elapsed, 1),
-        "per_stage": [
+        "per_actor": [
             {
-                "layers": s["layers"],
-                "weights_mib": round(s["parameters"] * 4 / 2**20, 1),
+                "stage": s,
+                "tp_rank": r.get("tp_rank", 0),
+                "layers": r["layers"],
+                "weights_mib": round(r["parameters"] * 4 / 2**20, 1),
                 "peak_rss_mib": round(m["VmHWM"], 1),
                 "peak_above_runtime_mib": round(m["VmHWM"] - m["runtime"], 1),
             }
-            for s, m in zip(info["stages"], memory)
+            for (s, r), m in zip(ranks, memory, strict=True)
         ],
     }
 
@@ -57,34 +77,46 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], help="pipeline stages (PP) to run")
+    parser.add_argument(
+        "--tensor-parallel", type=int, nargs="+", default=[1, 3], help="tensor-parallel ranks per stage"
+    )
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--in-flight", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per stage actor")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per actor")
     args = parser.parse_args()
-    model_dir = str(resolve_model(args.model))
+    folder = resolve_model(args.model)
+    model_dir, vocab = str(folder), json.loads((folder / "config.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
     batches = [
-        rng.integers(0, 49152, size=(args.batch_size, args.seq_len), dtype=np.uint16)
+        rng.integers(0, vocab, size=(args.batch_size, args.seq_len), dtype=np.uint16)
         for _ in range(args.batches)
     ]
     connect_ray(None)
-    one = measure(model_dir, 1, batches, args.in_flight, args.threads)
-    many = measure(model_dir, args.stages, batches, args.in_flight, args.threads)
+    rows = [
+        measure(model_dir, stages, tp, batches, args.in_flight, args.threads)
+        for tp in args.tensor_parallel
+        for stages in args.stages
+    ]
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["throughput_vs_first"] = round(row["tokens_per_s"] / base, 2)
     print(
         json.dumps(
             {
                 "benchmark": "pipeline_teacher",
                 "command": "python benchmarks/pipeline.py "
-                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+                + " ".join(
+                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in vars(args).items()
+                ),
                 "note": "peak_above_runtime_mib = peak RSS (after all forwards) minus RSS after imports, "
-                "before any weight is read; weights are memory-mapped from safetensors, so untouched "
+                "before any weight is read; weights_mib = the actor's own tensors (its shards and its "
+                "replicated ones) in fp32; whole tensors are memory-mapped from safetensors, so untouched "
                 "pages (embedding rows of tokens never seen) do not become resident",
-                "single_stage": one,
-                "pipelined": many,
-                "throughput_ratio": round(many["tokens_per_s"] / one["tokens_per_s"], 2),
+                "rows": rows,
             },
             indent=1,
         )

@@ -15,6 +15,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from distill.codecs import CODECS
+from distill.teacher.sparsify import SPARSIFIERS
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
@@ -45,6 +48,10 @@ class TeacherConfig:
     gpus_per_replica: float = 0.0
     threads: int = 1  # torch intra-op threads inside each teacher actor (CPU)
     stages: int = 1  # >1: each replica is a pipeline of this many stage actors (resources split evenly)
+    # >1: each stage is this many actors on one node (one GPU each, or CPU), sharding its layers with the
+    # model's own tensor-parallel plan (distill/teacher/tensor_parallel.py); must divide its attention
+    # heads, key/value heads and MLP channels
+    tensor_parallel: int = 1
     placement_strategy: str = "PACK"  # PACK: stages on one node where possible; SPREAD: across nodes
     max_restarts: int = 3  # Ray restarts a dead replica actor this often, re-running its requests
     # run tag of a running pool (`<tag>/teacher-<i>` at ray.address) to use instead of starting one
@@ -154,6 +161,12 @@ class StreamConfig:
     topk: int = 64
     prefetch: int = 2
     values_dtype: str = "float16"  # float16 | bfloat16 | float32
+    # none | zstd (lossless) | hybrid | hybrid_coarse (lossy): how replies are encoded (distill/codecs.py)
+    codec: str = "none"
+    # topk | sample | topk_sample: which of the teacher's tokens a reply carries (teacher/sparsify.py);
+    # the sampled schemes draw `samples` tokens per position (topk_sample: besides the top `topk`)
+    sparsifier: str = "topk"
+    samples: int = 0
     timeout_s: float = 600.0  # a reply slower than this is logged as slow (again at 2x, 4x, ...)
     max_wait_s: float = 3600.0  # ... and given up on after this long in all, while its replica is alive
 
@@ -198,6 +211,7 @@ class CacheConfig:
 
     path: str | None = None  # the cache folder (manifest.json + shards)
     values_dtype: str = "float16"  # float16 | bfloat16 | float32 | int8 (8-bit codes, per-row min/max)
+    codec: str = "none"  # as stream.codec: none | zstd | hybrid | hybrid_coarse, each row encoded on its own
     hidden_layers: list[int] | None = None  # teacher layers whose hidden states are stored too (features)
     shard_sequences: int = 256  # sequences per shard file: the unit of resume and of checksums
     batch_size: int = 8  # sequences per teacher request
@@ -348,6 +362,44 @@ def _at_least(key: str, value: float, low: float) -> None:
         raise ConfigError(f"{key}={value} must be >= {low}.")
 
 
+def check_sparsifier(cfg: DictConfig) -> None:
+    """A sampled teacher (stream.sparsifier sample / topk_sample) estimates forward KL at temperature 1
+    from the live teacher; refuse what it cannot serve, naming the fix."""
+    s = cfg.stream
+    _choice("stream.sparsifier", s.sparsifier, SPARSIFIERS)
+    if s.sparsifier == "topk":
+        if s.samples:
+            raise ConfigError(
+                f"stream.samples={s.samples} is only read by stream.sparsifier=sample or topk_sample; "
+                "set one of them, or stream.samples=0."
+            )
+        return
+    _at_least("stream.samples", s.samples, 1)
+    loss = cfg.loss
+    schedule = dict(loss.get("schedule") or {})
+    if (
+        loss.get("divergence") != "forward_kl"
+        or loss.get("temperature", 1.0) != 1.0
+        or "temperature" in schedule
+    ):
+        raise ConfigError(
+            f"stream.sparsifier={s.sparsifier} gives an unbiased estimate of forward KL at temperature 1 "
+            f"only; the loss is {loss.get('divergence')} at temperature {loss.get('temperature')}"
+            f"{' (scheduled)' if 'temperature' in schedule else ''}: use loss=forward_kl or loss=kd_ce with "
+            f"loss.temperature=1, or stream.sparsifier=topk."
+        )
+    if cfg.teacher.get("source") == "none":
+        raise ConfigError(
+            f"stream.sparsifier={s.sparsifier} needs a teacher (teacher=none trains on the labels alone); "
+            "drop stream.sparsifier or pick a teacher."
+        )
+    if cfg.get("ensembles"):
+        raise ConfigError(
+            f"stream.sparsifier={s.sparsifier} does not mix across ensemble members (their draws differ); "
+            "use stream.sparsifier=topk with ensembles."
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and cross-field checks that types alone cannot express."""
     t, s, d, st = cfg.trainer, cfg.stream, cfg.data, cfg.student
@@ -386,6 +438,8 @@ def validate(cfg: DictConfig) -> None:
     if s.prefetch < 1:
         raise ConfigError(f"stream.prefetch={s.prefetch} must be >= 1 (1 = request one micro-batch ahead).")
     _choice("stream.values_dtype", s.values_dtype, ("float16", "bfloat16", "float32"))
+    _choice("stream.codec", s.codec, CODECS)
+    check_sparsifier(cfg)
     _at_least("stream.timeout_s", s.timeout_s, 1)
     if s.max_wait_s < s.timeout_s:
         raise ConfigError(
@@ -411,6 +465,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.threads", cfg.teacher.threads, 1)
     _at_least("teacher.stages", cfg.teacher.stages, 1)
+    _at_least("teacher.tensor_parallel", cfg.teacher.tensor_parallel, 1)
     _at_least("teacher.max_restarts", cfg.teacher.max_restarts, 0)
     _choice(
         "teacher.placement_strategy",
@@ -440,6 +495,12 @@ def validate_cache(cfg: DictConfig) -> None:
     if cfg.teacher.model is MISSING:
         raise ConfigError("teacher.model must be set (pick teacher=smollm2 or teacher=local ...).")
     _choice("cache.values_dtype", c.values_dtype, ("float16", "bfloat16", "float32", "int8"))
+    _choice("cache.codec", c.codec, CODECS)
+    if c.codec != "none" and c.values_dtype == "int8":
+        raise ConfigError(
+            f"cache.codec={c.codec} encodes the log-probs itself; it does not combine with "
+            f"cache.values_dtype=int8 (pick one: cache.codec=hybrid_coarse is smaller and closer to fp32)."
+        )
     _at_least("cache.shard_sequences", c.shard_sequences, 1)
     _at_least("cache.batch_size", c.batch_size, 1)
     _at_least("stream.topk", cfg.stream.topk, 1)
@@ -447,6 +508,7 @@ def validate_cache(cfg: DictConfig) -> None:
     _at_least("data.seq_len", cfg.data.seq_len, 2)
     _at_least("teacher.replicas", cfg.teacher.replicas, 1)
     _at_least("teacher.stages", cfg.teacher.stages, 1)
+    _at_least("teacher.tensor_parallel", cfg.teacher.tensor_parallel, 1)
 
 
 def validate_tokenize(cfg: DictConfig) -> None:

@@ -18,7 +18,9 @@ Formulas (also in the README, "Capacity plan"):
   activations ~ 34 x B x T x hidden bytes per layer in bf16 (Korthikanti et al. 2022, no attention-score
   term with fused attention), with gradient checkpointing one layer's plus 2 x B x T x hidden per layer;
   plus the fused loss's chunk of fp32 logits;
-- stream bytes/s = student tokens/s x (k x (value bytes + id bytes)).
+- stream bytes/s = student tokens/s x (k x (value bytes + id bytes)); with a `stream.codec`, the
+  codec's bytes/token measured on the real teacher at k=64 (`CODEC_BYTES_PER_TOKEN_K64`), times k / 64:
+  compression depends on the teacher and the text, so this is an estimate, labelled as such.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ from pathlib import Path
 import torch
 
 BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# stream.codec's bytes/token at k=64, 1,024 tokens per reply: SmolLM2-135M-Instruct on pydoc text
+# (benchmarks/results/stream_codecs.json); zstd by values dtype, the hybrid grids whatever the dtype
+CODEC_BYTES_PER_TOKEN_K64 = {
+    ("zstd", "float32"): 256.53,
+    ("zstd", "float16"): 152.15,
+    ("zstd", "bfloat16"): 133.14,
+    "hybrid": 144.83,
+    "hybrid_coarse": 128.43,
+}
 
 
 @dataclass
@@ -122,6 +133,7 @@ def plan(
     topk: int,
     values_dtype: str,
     gpu_memory_gib: float,
+    codec: str = "none",
     usable_fraction: float,
     peak_tflops: float,
     teacher_mfu: float,
@@ -146,6 +158,9 @@ def plan(
         student, precision, zero_stage, student_gpus, micro_batch, seq_len, gradient_checkpointing, loss_chunk
     )
     bytes_per_token = topk * (BYTES[values_dtype] + (2 if student.vocab <= 65536 else 4))
+    if codec != "none":
+        measured = CODEC_BYTES_PER_TOKEN_K64.get(codec) or CODEC_BYTES_PER_TOKEN_K64[codec, values_dtype]
+        bytes_per_token = round(measured * topk / 64, 1)
     students_tps = student_tps * student_gpus
     out = {
         "teacher": {
@@ -169,6 +184,7 @@ def plan(
         "teacher_gpus_per_student_gpu": ratio,
         "teacher_to_student_flops": teacher_fwd / student_train,
         "stream_bytes_per_token": bytes_per_token,
+        "stream_codec": codec,
         "stream_mb_per_s": students_tps * bytes_per_token / 1e6,
         "students_tokens_per_s": students_tps,
         "usable_gib_per_gpu": usable / 2**30,
@@ -204,7 +220,7 @@ def describe(p: dict) -> str:
         f"layout    {s['gpus']} student GPUs + {t['replicas']} replica(s) x {t['gpus_per_replica']} teacher "
         f"GPUs (teacher.replicas={t['replicas']} teacher.gpus_per_replica={t['gpus_per_replica']})",
         f"stream    {p['stream_bytes_per_token']} bytes/token x {_si(p['students_tokens_per_s'])} tokens/s = "
-        f"{p['stream_mb_per_s']:.1f} MB/s",
+        f"{p['stream_mb_per_s']:.1f} MB/s (stream.codec={p['stream_codec']})",
     ]
     if "hours" in p:
         hours = f"{p['hours']:.1f} h, {_si(p['gpu_hours'])} GPU-hours"

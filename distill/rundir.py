@@ -85,6 +85,7 @@ TEACHER_RUNTIME = (
     "gpus_per_replica",
     "threads",
     "stages",
+    "tensor_parallel",
     "placement_strategy",
     "max_restarts",
     "attach",
@@ -93,10 +94,10 @@ TEACHER_RUNTIME = (
 _ABSENT = "<absent>"
 ALLOWED_HELP = (
     "May change when a run continues: run-time settings (logger, ray, teacher replicas / threads / stages / "
-    "CPUs / GPUs, stream.prefetch, checkpoint / eval / log intervals, trainer.stop_at_step) freely; with "
-    "trainer.allow_changes=[...] also trainer.max_steps (longer only; the LR schedule follows the new "
-    "length) and the batch split micro_batch_size / grad_accum_steps (num_ranks too with ZeRO-0) at the same "
-    "global batch. See README, 'Resuming with changed settings'."
+    "tensor_parallel / CPUs / GPUs, stream.prefetch, checkpoint / eval / log intervals, "
+    "trainer.stop_at_step) freely; with trainer.allow_changes=[...] also trainer.max_steps (longer only; "
+    "the LR schedule follows the new length) and the batch split micro_batch_size / grad_accum_steps "
+    "(num_ranks too with ZeRO-0) at the same global batch. See README, 'Resuming with changed settings'."
 )
 
 

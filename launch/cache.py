@@ -34,6 +34,8 @@ from distill.documents import isolation_enabled
 from distill.files import file_sha256, tokenizer_hash
 from distill.models import check_model_folder, load_tokenizer, num_hidden_layers, vocab_size
 from distill.teacher.actor import index_dtype
+from distill.teacher.sparsify import sparsifier_of
+from distill.teacher.tensor_parallel import check_teacher_config
 from distill.tracking import TokenProgress
 from launch.errors import reported_errors
 
@@ -64,6 +66,8 @@ def identity(cfg: DictConfig, teacher_dir: Path, tokenizer, data: dict) -> dict:
         "seq_len": cfg.data.seq_len,
         "k": cfg.stream.topk,
         "values": cfg.cache.values_dtype,
+        "codec": cfg.cache.codec,
+        "sparsifier": cache_sparsifier(cfg),
         "index_dtype": index_dtype(vocab).name,
         "hidden": {"layers": layers, "dtype": hidden_dtype(cfg.cache.values_dtype)} if layers else None,
         "data": {
@@ -76,6 +80,14 @@ def identity(cfg: DictConfig, teacher_dir: Path, tokenizer, data: dict) -> dict:
     }
 
 
+def cache_sparsifier(cfg: DictConfig) -> dict:
+    """The manifest's record of which teacher entries the cache holds; sampled draws depend on the seed,
+    so it is recorded for them (a resumed cache must draw with the same one)."""
+    if cfg.stream.sparsifier == "topk":
+        return {"kind": "topk", "samples": 0}
+    return {"kind": cfg.stream.sparsifier, "samples": cfg.stream.samples, "seed": cfg.data.seed}
+
+
 def check_generation(cfg: DictConfig, teacher_dir: Path) -> None:
     """cache.from_generation: completions data from a generation of this very teacher, no hidden states."""
     if cfg.data.format != "completions":
@@ -85,6 +97,11 @@ def check_generation(cfg: DictConfig, teacher_dir: Path) -> None:
         )
     if cfg.cache.hidden_layers:
         raise CacheError("cache.from_generation stores no hidden states; drop cache.hidden_layers.")
+    if cfg.cache.codec != "none":
+        raise CacheError(
+            "cache.from_generation stores the generation's top-k as they are (with filler where a window "
+            "has no signal); drop cache.codec (cache.codec=none)."
+        )
     meta = Path(cfg.data.source).expanduser() / "generation.json"
     weights = sorted(teacher_dir.glob("*.safetensors")) or sorted(teacher_dir.glob("*.bin"))
     if meta.is_file() and json.loads(meta.read_text())["teacher_sha256"] != file_sha256(weights):
@@ -126,6 +143,7 @@ def ray_teacher_stream(cfg: DictConfig, teacher_dir: Path, hidden_layers: list[i
             cfg.stream.timeout_s,
             max_wait_s=cfg.stream.max_wait_s,
             hidden_layers=hidden_layers,
+            sparsifier=sparsifier_of(cfg.stream, cfg.data.seed),
         )
     finally:
         pool.shutdown()
@@ -145,6 +163,8 @@ def _write(cfg: DictConfig, data_dir: Path, open_stream: Callable = ray_teacher_
     cache_dir = Path(cfg.cache.path).expanduser().resolve()
     teacher_dir = Path(build(cfg.teacher.model))
     check_model_folder(teacher_dir)  # whole weight files that fit config.json, a tokenizer that loads
+    if not cfg.cache.from_generation:  # a teacher will run: its tensor_parallel must shard it
+        check_teacher_config("teacher", cfg.teacher, teacher_dir)
     if cfg.stream.topk > (vocab := vocab_size(teacher_dir)):
         raise ConfigError(f"stream.topk={cfg.stream.topk} exceeds the teacher vocabulary ({vocab}).")
     if cfg.cache.from_generation:

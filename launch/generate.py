@@ -40,6 +40,7 @@ from distill.models import check_model_folder, load_tokenizer
 from distill.teacher import connect_ray
 from distill.teacher.generate import sample_seed
 from distill.teacher.pool import start_pool
+from distill.teacher.tensor_parallel import check_teacher_config
 from distill.tracking import _fmt_duration
 from launch.errors import reported_errors
 
@@ -71,7 +72,8 @@ def check(cfg: DictConfig) -> None:
     if cfg.teacher.stages > 1:
         raise ConfigError(
             f"teacher.stages={cfg.teacher.stages}: generation needs whole-model replicas (a pipeline-sharded "
-            "replica cannot generate yet); use teacher.stages=1 and, for throughput, more teacher.replicas."
+            "replica cannot generate yet); use teacher.stages=1 (teacher.tensor_parallel may be > 1) and, "
+            "for throughput, more teacher.replicas."
         )
     for key, value, low in (("max_new_tokens", s.max_new_tokens, 1), ("n", s.n, 1)):
         if value < low:
@@ -160,6 +162,7 @@ def generate(cfg: DictConfig) -> dict:
     prompts = read_prompts(prompts_path)
     teacher_dir = Path(build(cfg.teacher.model))
     check_model_folder(teacher_dir)  # whole weight files that fit config.json, a tokenizer that loads
+    check_teacher_config("teacher", cfg.teacher, teacher_dir)  # tensor_parallel must shard it
     tokenizer = load_tokenizer(teacher_dir)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     limit = json.loads((teacher_dir / "config.json").read_text()).get("max_position_embeddings")

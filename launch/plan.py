@@ -63,6 +63,7 @@ def make_plan(cfg: DictConfig) -> dict:
         loss_chunk=cfg.loss.chunk_size,
         topk=cfg.stream.topk,
         values_dtype=cfg.stream.values_dtype,
+        codec=cfg.stream.codec,
         gpu_memory_gib=p.gpu_memory_gib,
         usable_fraction=p.usable_fraction,
         peak_tflops=p.peak_tflops,

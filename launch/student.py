@@ -49,6 +49,7 @@ from distill.stream.routing import evaluate_domains, open_routed_stream, source_
 from distill.student import checkpoint
 from distill.student.engine import build_engine, export_pretrained, init_distributed, load_student
 from distill.student.objective import StudentObjective, build_projector
+from distill.teacher.sparsify import sparsifier_of
 from distill.tracking import Progress, RunLogger
 
 # No Ray import at module level: a rank of a `teacher=cached` or teacher-less run imports nothing from Ray
@@ -196,7 +197,8 @@ def main(run_dir: Path) -> None:
     else:
         from distill.teacher import TeacherPool
 
-        teacher = TeacherPool.attach(pool["run_tag"], cfg.teacher.replicas, cfg.teacher.stages)
+        tc = cfg.teacher
+        teacher = TeacherPool.attach(pool["run_tag"], tc.replicas, tc.stages, tc.tensor_parallel)
         stream = TeacherStream(
             teacher.actors,
             cfg.stream.topk,
@@ -206,6 +208,8 @@ def main(run_dir: Path) -> None:
             hidden_layers=objective.teacher_layers,  # None unless feature distillation is on
             first_replica=rank,
             max_wait_s=cfg.stream.max_wait_s,
+            codec=cfg.stream.codec,
+            sparsifier=sparsifier_of(cfg.stream, cfg.data.seed),
         )
     device = engine.device
     sampler = StepSampler(
@@ -264,16 +268,18 @@ def main(run_dir: Path) -> None:
         its loss and metric sums are added to `sums` without reading them on the host (tensors stay on
         the device until the step's one reduction)."""
         ids = to_device(torch.from_numpy(train[idx].astype(np.int64)), device)
-        values, indices, hidden = None, None, {}  # no teacher: plain cross-entropy
+        values, indices, hidden, offset = None, None, {}, None  # no teacher: plain cross-entropy
         if teacher_out is not None:
             values, indices = teacher_out.tensors()
             check_teacher_indices(indices, vocab)  # on the host, before the copy: no device sync
             values, indices = to_device(values, device), to_device(indices, device)
             hidden = {layer: to_device(h, device) for layer, h in teacher_out.hidden_tensors().items()}
+            if teacher_out.offset is not None:  # sampled sparsifiers: the KL value's constant per position
+                offset = to_device(teacher_out.offset_tensor(), device)
         # the mask stays on the host: the losses select its rows without waiting for the device
         labels, mask = next_token_labels(ids), torch.from_numpy(loss_mask(idx))
         with metrics_on_device():  # the loss's metric sums stay device tensors: no host sync here
-            loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden)
+            loss, loss_metrics = engine(ids, values, indices, labels, mask, normaliser, step, hidden, offset)
         engine.backward(loss * scale)
         engine.step()
         if sample_log:  # this micro-batch is in the gradients now

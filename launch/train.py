@@ -44,6 +44,7 @@ from distill.rundir import check_start, record_start
 from distill.stream.routing import teacher_configs
 from distill.student import checkpoint
 from distill.student.objective import resolve_layer_map
+from distill.teacher.tensor_parallel import check_teacher_config
 from launch.curriculum import run_curriculum
 from launch.errors import fail, reported_errors, show_traceback
 from launch.preemption import PREEMPTION, Preempted, checkpointed_step
@@ -140,6 +141,8 @@ def check_teacher(name: str, tc: DictConfig, student_dir: str, topk: int) -> str
         raise ConfigError(f"stream.topk={topk} exceeds the {key} vocabulary ({teacher_vocab}).")
     if tc.stages > (layers := num_hidden_layers(teacher_dir)):
         raise ConfigError(f"{key}.stages={tc.stages} exceeds the teacher's {layers} layers.")
+    if tc.source == "live":  # before any actor starts: heads, KV heads, MLP channels and GPUs must split
+        check_teacher_config(key, tc, teacher_dir)
     if tc.source != "cached":
         check_same_tokenizer(teacher_dir, student_dir, (key, "student"))
     else:  # the cache keeps its teacher's config + tokenizer: the ids it holds are that tokenizer's
@@ -187,6 +190,7 @@ def check_cache(cfg: DictConfig, data_dir: Path, student_dir: str, teacher_dir: 
         heldout_rows=row_digests(heldout.tokens),
         hidden_layers=layers,
         document_isolation=isolation_enabled(cfg.data),
+        sparsifier={"kind": cfg.stream.sparsifier, "samples": cfg.stream.samples},
     )
 
 
@@ -361,7 +365,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if tc.attach and cfg.teachers:
         raise ConfigError("teacher.attach works with one teacher; several `teachers` are started per run.")
     if tc.attach:  # a pool someone else started (and will stop): e.g. one teacher for a whole sweep
-        run_tag, pool = tc.attach, TeacherPool.attach(tc.attach, tc.replicas, tc.stages)
+        run_tag, pool = tc.attach, TeacherPool.attach(tc.attach, tc.replicas, tc.stages, tc.tensor_parallel)
         infos = pool.info()
         check_pool_isolation(infos, isolation_enabled(cfg.data), tc.attach)
         log.info("attached to teacher pool %s: %s", run_tag, infos[0]["device"])

@@ -1,4 +1,5 @@
-"""A teacher split into 2 and 3 pipeline stages gives the unsharded model's top-k (fp32, CPU)."""
+"""A teacher split into 2 and 3 pipeline stages, and into tensor-parallel groups of 2 ranks per stage (gloo),
+gives the unsharded model's top-k (fp32, CPU)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from distill.models import load_causal_lm, tiny_llama
 from distill.teacher.pipeline import PipelineTeacher, split_layers
+from distill.teacher.pool import TeacherPool, actor_name
+from distill.teacher.sparsify import Sparsifier, request_seed, sparsify
 
 
 def test_split_layers_is_contiguous_and_balanced():
@@ -48,8 +51,19 @@ def test_pipeline_topk_equals_the_unsharded_model(
         assert total == sum(p.numel() for p in model.parameters()) + head_copy  # each tensor on one stage
         out = ray.get(teacher.submit_topk(7, ids, 16, "float32", hidden_layers=[0, 2]))
         full = ray.get(teacher.submit_full_log_probs(ids))
+        spec = Sparsifier("topk_sample", 6, seed=1)  # the last stage draws, seeded by the request's ids
+        sampled = [ray.get(teacher.submit_topk(8 + i, ids, 4, "float32", sparsifier=spec)) for i in range(2)]
     finally:
         teacher.shutdown()
+    np.testing.assert_array_equal(sampled[0].indices, sampled[1].indices)
+    np.testing.assert_array_equal(sampled[0].offset, sampled[1].offset)
+    generator = torch.Generator().manual_seed(request_seed(ids, 1))
+    log_p = torch.log_softmax(ref.logits, -1).reshape(-1, ref.logits.shape[-1])
+    draws = sparsify(log_p, "topk_sample", 4, 6, generator)  # what the unsharded model would send
+    same = (torch.from_numpy(sampled[0].indices.reshape(-1, 10).astype(np.int64)) == draws[1]).all(-1)
+    assert same.float().mean() >= 0.95  # the draws agree unless a probability moved across one (1e-5)
+    values = torch.from_numpy(sampled[0].values.reshape(-1, 10))
+    torch.testing.assert_close(values[same], draws[0][same], rtol=0, atol=1e-5)
     values, indices = out.tensors()
     assert out.request_id == 7
     assert out.hop_bytes == (stages - 1) * ids.size * model.config.hidden_size * 4  # fp32: 4 bytes/value
@@ -170,3 +184,163 @@ def test_the_top_k_reply_fits_a_memory_cap_that_the_whole_batch_does_not(tmp_pat
 
     assert run(32 * 4 * 16384) == "answered (4, 1024, 8)"
     assert run(2**40).startswith("refused")
+
+
+# ---- tensor parallelism inside a stage (teacher.tensor_parallel; distill/teacher/tensor_parallel.py) ----
+
+SHARDED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def replicated_parameters(model) -> int:
+    """Parameters every tensor-parallel rank holds whole: all but the planned linear layers of the decoder."""
+    return sum(p.numel() for n, p in model.named_parameters() if n.split(".")[-2] not in SHARDED)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_tensor_parallel_topk_equals_the_unsharded_model(stages, ray_runtime, tiny_teacher_dir):
+    """TP=2 x PP=1 and TP=2 x PP=2 (gloo on CPU, fp32): the unsharded model's top-k, full log-probs and
+    hidden states; each rank holds half of every planned layer weight and only that."""
+    ids = np.random.default_rng(0).integers(0, 256, size=(3, 24), dtype=np.uint16)
+    model = load_causal_lm(tiny_teacher_dir, dtype="float32").eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+    ref_values, ref_indices = torch.log_softmax(ref.logits, -1).topk(16, dim=-1)
+
+    teacher = PipelineTeacher.start(
+        str(tiny_teacher_dir),
+        stages,
+        dtype="float32",
+        cpus_per_stage=0.5,
+        name=actor_name(f"tp2-pp{stages}", 0),  # as a pool names its replica 0
+        tensor_parallel=2,
+    )
+    try:
+        info = ray.get(teacher.info())
+        out = ray.get(teacher.submit_topk(7, ids, 16, "float32", hidden_layers=[0, 2]))
+        # a student rank finds the replica by name, its tensor parallelism from the actors' names
+        (attached,) = TeacherPool.attach(f"tp2-pp{stages}", 1, stages).actors
+        assert isinstance(attached, PipelineTeacher) and attached.tensor_parallel == 2
+        full = ray.get(attached.submit_full_log_probs(ids))
+        if stages > 1:
+            with pytest.raises(ValueError, match="a replica of 2 pipeline stages cannot generate"):
+                teacher.submit_generate([[1, 2]], [0], {})
+    finally:
+        teacher.shutdown()
+    assert info["tensor_parallel"] == 2
+    ranks = [rank for stage in info["stages"] for rank in stage["ranks"]]
+    assert len({rank["pid"] for rank in ranks}) == 2 * stages  # one process per rank
+    for stage in info["stages"]:
+        assert stage["ranks"][0]["parameters"] == stage["ranks"][1]["parameters"]  # equal halves
+    # every sharded weight once over the ranks, every replicated one (embeddings, norms, head) twice
+    total = sum(p.numel() for p in model.parameters())
+    assert info["parameters"] == total + replicated_parameters(model)
+    values, indices = out.tensors()
+    assert out.request_id == 7
+    assert out.hop_bytes == (stages - 1) * ids.size * model.config.hidden_size * 4
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
+    hidden = out.hidden_tensors()
+    for layer in (0, 2):
+        torch.testing.assert_close(hidden[layer], ref.hidden_states[layer + 1], rtol=0, atol=1e-5)
+
+
+def test_a_tensor_parallel_replica_generates_what_the_unsharded_model_generates(
+    ray_runtime, tiny_teacher_dir
+):
+    """TP=2 x PP=1: greedy and sampled completions, and the top-k at every completion token, as
+    `distill.teacher.generate` gives them on the unsharded model (both ranks draw the same tokens)."""
+    from distill.teacher.generate import generate
+
+    prompts, seeds = [[1, 5, 9, 33], [7, 8], [100, 101, 102, 103, 104, 105]], [11, 12, 13]
+    model = load_causal_lm(tiny_teacher_dir, dtype="float32").eval()
+    teacher = PipelineTeacher.start(
+        str(tiny_teacher_dir), 1, dtype="float32", cpus_per_stage=0.5, name="tp2-generate", tensor_parallel=2
+    )
+    try:
+        for temperature in (0.0, 0.8):
+            sampling = {
+                "max_new_tokens": 12,
+                "temperature": temperature,
+                "top_p": 0.9,
+                "stop_ids": [2],
+                "pad_id": 0,
+            }
+            got = ray.get(teacher.submit_generate(prompts, seeds, sampling, 4))
+            want = generate(model, prompts, seeds, topk=4, **sampling)
+            for g, w in zip(got, want, strict=True):
+                assert g["completion_ids"] == w["completion_ids"] and g["finished"] == w["finished"]
+                assert np.array_equal(g["topk_ids"], w["topk_ids"])
+                np.testing.assert_allclose(g["topk_values"], w["topk_values"], rtol=0, atol=1e-5)
+                np.testing.assert_allclose(g["token_logprob"], w["token_logprob"], rtol=0, atol=1e-5)
+    finally:
+        teacher.shutdown()
+
+
+def test_a_tensor_parallel_that_does_not_split_the_model_is_refused_before_any_actor_starts(
+    ray_runtime, tiny_teacher_dir, tiny_student_dir, tmp_path
+):
+    """The tiny teacher has 4 heads, 2 key/value heads, 128 MLP channels: TP=3 and TP=4 cannot split them,
+    nor can 2 ranks x 2 stages run on 2 GPUs. Refused with the fix, before an actor or placement group."""
+    from test_validation import compose_cfg
+
+    from distill.config import ConfigError
+    from distill.teacher.tensor_parallel import tensor_parallel_problem
+    from launch.train import prepare
+
+    groups, actors = len(ray.util.placement_group_table()), ray.util.list_named_actors()
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel=3 does not divide the teacher's 4 attention heads, 2 "
+    ):
+        PipelineTeacher.start(str(tiny_teacher_dir), 1, dtype="float32", name="tp3", tensor_parallel=3)
+    assert len(ray.util.placement_group_table()) == groups and ray.util.list_named_actors() == actors
+
+    with pytest.raises(
+        ConfigError, match=r"teacher.tensor_parallel=4 does not divide the teacher's 2 key/value"
+    ):
+        prepare(
+            compose_cfg(tiny_teacher_dir, tiny_student_dir, "teacher.tensor_parallel=4"), tmp_path / "run"
+        )
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+    assert "set gpus_per_replica=4 (or 0: CPU)" in tensor_parallel_problem(
+        config, 2, stages=2, gpus_per_replica=2
+    )
+    assert tensor_parallel_problem(config, 2, stages=2, gpus_per_replica=4) is None
+
+
+def test_a_killed_tensor_parallel_rank_makes_its_replica_dead_and_the_stream_drops_it(
+    ray_runtime, tiny_teacher_dir
+):
+    """kill -9 of one rank of a TP=2 x PP=2 replica: its stage's rank 0 ends itself at the next request, so
+    the request fails with RayActorError like a dead replica's (no hang, not a teacher error, also through
+    the next stage); the stream drops the replica and re-sends its requests to the other replica."""
+    import os
+    import signal
+    import time
+
+    from conftest import start_tiny_pool
+
+    from distill.stream import TeacherStream
+
+    doomed = PipelineTeacher.start(
+        str(tiny_teacher_dir), 2, dtype="float32", cpus_per_stage=0.5, name="tp-kill", tensor_parallel=2
+    )
+    pool = start_tiny_pool(tiny_teacher_dir, "tp-kill-other", replicas=1, max_restarts=0)
+    try:
+        ranks = ray.get(doomed.info())["stages"][0]["ranks"]
+        os.kill(ranks[1]["pid"], signal.SIGKILL)  # stage 0's rank 1
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(doomed.submit_topk(0, np.zeros((1, 8), dtype=np.uint16), 4, "float32"), timeout=120)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{ranks[0]['pid']}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{ranks[0]['pid']}")  # stage 0's rank 0 ended itself
+
+        batches = [np.full((1, 8), i, dtype=np.uint16) for i in range(6)]
+        other = pool.actors[0]
+        stream = TeacherStream([doomed, other], topk=4, prefetch=2, values_dtype="float32", timeout_s=60)
+        served = [out.request_id for _, out in stream.stream(batches, lambda b: b)]
+        assert served == list(range(6)) and stream.replicas == [other]  # the dead one's requests re-sent
+    finally:
+        doomed.shutdown()
+        pool.shutdown()

@@ -12,7 +12,13 @@ from test_online import run_module
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
-from distill.plan import forward_flops_per_token, model_shape, student_memory_bytes
+from distill.plan import (
+    CODEC_BYTES_PER_TOKEN_K64,
+    forward_flops_per_token,
+    model_shape,
+    plan,
+    student_memory_bytes,
+)
 
 LLAMA_405B = {
     "architectures": ["LlamaForCausalLM"],
@@ -105,3 +111,22 @@ def test_the_plan_command_on_a_405b_teacher_and_an_8b_student(tmp_path):
 
     refused = run_module("launch.plan", [*args, "plan.teacher_mfu=0"])
     assert refused.returncode == 2 and "plan.teacher_mfu=0" in refused.stderr
+
+
+def test_the_stream_bandwidth_counts_the_codec(tmp_path):
+    """stream.codec scales the stream's bytes by the codec's measured bytes/token (k / 64 of it)."""
+    shape = model_shape(config_folder(tmp_path, "llama-8b", LLAMA_8B))
+    run = dict(
+        seq_len=4096, micro_batch=1, teacher_dtype="bfloat16", precision="bf16", zero_stage=2,
+        student_gpus=8, gradient_checkpointing=True, loss_chunk=1024, values_dtype="float16",
+        gpu_memory_gib=80, usable_fraction=0.9, peak_tflops=989, teacher_mfu=0.4, student_mfu=0.35,
+    )  # fmt: skip
+    plain = plan(shape, shape, topk=64, **run)
+    packed = plan(shape, shape, topk=64, codec="hybrid", **run)
+    half = plan(shape, shape, topk=32, codec="zstd", **run)
+    assert plain["stream_bytes_per_token"] == 64 * (2 + 4) and packed["stream_codec"] == "hybrid"
+    assert packed["stream_bytes_per_token"] == round(CODEC_BYTES_PER_TOKEN_K64["hybrid"], 1)
+    assert packed["stream_mb_per_s"] == pytest.approx(
+        plain["stream_mb_per_s"] * packed["stream_bytes_per_token"] / 384
+    )
+    assert half["stream_bytes_per_token"] == round(CODEC_BYTES_PER_TOKEN_K64["zstd", "float16"] / 2, 1)

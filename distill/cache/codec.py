@@ -1,5 +1,5 @@
 """How cached top-k log-probs are stored: float16 / bfloat16 / float32 as the live stream sends them, or
-8-bit codes.
+8-bit codes; or, with `cache.codec`, each row packed by the stream's codecs (distill/codecs.py).
 
 int8: a row's k log-probs are sorted descending, so they span [v_k, v_1]; each is stored as one byte on
 a uniform grid over that row's own span (the row's top value and step in float32). Top-1 and the k-th
@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distill.teacher.actor import _to_numpy
+from distill.codecs import Packed, decode, decoded_dtype, encode
+from distill.teacher.actor import _from_numpy, _to_numpy
 
 VALUE_FORMATS = ("float16", "bfloat16", "float32", "int8")
 _LEVELS = 255
@@ -59,3 +60,25 @@ def decode_float32(tensors: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
     if fmt == "int8":
         return torch.from_numpy(decode_values(tensors, fmt)[0])
     return tensors["values"].float()
+
+
+def encode_rows(values: np.ndarray, indices: np.ndarray, codec: str, fmt: str) -> dict[str, torch.Tensor]:
+    """Shard tensors for rows [n, T, k] packed one row at a time by `codec`: the bytes of every row
+    ("packed") and where each starts ("packed_offsets", n + 1 entries), so a row reads on its own."""
+    blobs = [encode(v[None], i[None], codec, fmt).data for v, i in zip(values, indices)]
+    offsets = np.cumsum([0, *map(len, blobs)], dtype=np.int64)
+    return {
+        "packed": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8),
+        "packed_offsets": torch.from_numpy(offsets),
+    }
+
+
+def decode_row(data: bytes, shape: tuple[int, ...], codec: str, fmt: str, index_dtype: str):
+    """(values in `TeacherOutput`'s scheme [1, T, k], ids [1, T, k], values dtype) of one packed row."""
+    values, ids = decode(Packed(codec, shape, decoded_dtype(codec, fmt), index_dtype, data))
+    return values, ids, decoded_dtype(codec, fmt)
+
+
+def as_float32(values: np.ndarray, values_dtype: str) -> np.ndarray:
+    """Values in `TeacherOutput`'s scheme as float32."""
+    return _from_numpy(values, values_dtype).float().numpy()

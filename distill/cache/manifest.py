@@ -73,9 +73,11 @@ IDENTITY = (
     "shard_sequences",
     "signals",  # "generation": converted from launch.generate's stored top-k; absent: the live teacher
     "document_isolation",  # whether the teacher kept packed documents apart (distill/documents.py)
+    "codec",  # cache.codec: how each row's top-k is packed (distill/codecs.py)
+    "sparsifier",  # stream.sparsifier / samples / seed of the signals (distill/teacher/sparsify.py)
 )
 # What a field absent from an older manifest means (caches written before the field existed)
-DEFAULTS = {"document_isolation": False}
+DEFAULTS = {"document_isolation": False, "codec": "none", "sparsifier": {"kind": "topk", "samples": 0}}
 
 
 def check_same_cache(existing: dict, wanted: dict, cache_dir: Path) -> None:
@@ -106,11 +108,13 @@ def check_run(
     heldout_rows: list[str],
     hidden_layers: list[int] | None,
     document_isolation: bool = False,
+    sparsifier: dict | None = None,
 ) -> None:
     """Refuse a cache that does not fit the run: the message names the field and the fix.
 
     k: a cache of top-K serves any stream.topk <= K (top-k is sorted, so its first stream.topk entries are
-    the top-stream.topk); a larger stream.topk would need signals the cache does not have.
+    the top-stream.topk); a larger stream.topk would need signals the cache does not have. Sampled
+    signals (`sparsifier` {"kind", "samples"}) serve only the same scheme, k and number of draws.
     """
     fix = "write a cache for this run with `python -m launch.cache cache.path=<new> ...` or change the run"
     if not manifest.get("complete"):
@@ -127,6 +131,17 @@ def check_run(
         raise CacheError(
             f"cache seq_len mismatch: {cache_dir} holds sequences of {manifest['seq_len']} tokens, the run "
             f"uses data.seq_len={seq_len}; set data.seq_len={manifest['seq_len']} or {fix}."
+        )
+    stored = manifest.get("sparsifier", DEFAULTS["sparsifier"])
+    wanted = sparsifier or DEFAULTS["sparsifier"]
+    if (stored["kind"], stored["samples"]) != (wanted["kind"], wanted["samples"]) or (
+        stored["kind"] != "topk" and manifest["k"] != topk
+    ):
+        raise CacheError(
+            f"cache sparsifier mismatch: {cache_dir} holds stream.sparsifier={stored['kind']} "
+            f"stream.samples={stored['samples']} stream.topk={manifest['k']}, the run asks for "
+            f"stream.sparsifier={wanted['kind']} stream.samples={wanted['samples']} stream.topk={topk}; set "
+            f"those or {fix}."
         )
     if manifest["k"] < topk:
         raise CacheError(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from distill.cache.codec import decode_float32, decode_values, value_keys
+from distill.cache.codec import as_float32, decode_float32, decode_row, decode_values, value_keys
 from distill.cache.manifest import CacheError, read_manifest
 from distill.files import sha256_file
 from distill.stream import StreamStats
@@ -55,6 +55,9 @@ class CachedTeacher:
         if topk > self.manifest["k"]:
             raise CacheError(f"stream.topk={topk} exceeds the cache's k={self.manifest['k']} ({self.dir}).")
         self.topk, self.fmt = topk, self.manifest["values"]
+        self.codec = self.manifest.get("codec", "none")
+        self.sampled = self.manifest.get("sparsifier", {"kind": "topk"})["kind"] != "topk"
+        self.width = None if self.sampled else topk  # sampled rows are used whole (check_run: same scheme)
         stored = (self.manifest["hidden"] or {}).get("layers", [])
         self.hidden_layers = list(hidden_layers) if hidden_layers else None
         missing = set(self.hidden_layers or ()) - set(stored)
@@ -100,21 +103,45 @@ class CachedTeacher:
         shards = sorted(self.manifest["shards"], key=lambda s: s["file"])[rank::world]
         return [s["file"] for s in shards if sha256_file(self.dir / s["file"]) != s["sha256"]]
 
-    def _row(self, split: str, row: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def _locate(self, split: str, row: int) -> tuple[Any, int]:
+        """(the open shard holding `row` of `split`, the row's index in it)."""
         shards = self._shards[split]
         i = bisect.bisect_right(self._starts[split], row) - 1
         if i < 0 or row >= shards[i]["start"] + shards[i]["rows"]:
             raise CacheError(f"row {row} of the {split} split is not in the cache {self.dir}.")
-        handle, local = self._handle(shards[i]), row - shards[i]["start"]
+        return self._handle(shards[i]), row - shards[i]["start"]
+
+    def _row(self, split: str, row: int, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        handle, local = self._locate(split, row)
         return {key: handle.get_slice(key)[local : local + 1] for key in keys}
 
     def _rows(self, split: str, rows: Iterable[int], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
         got = [self._row(split, int(r), keys) for r in rows]
         return {key: torch.cat([g[key] for g in got]) for key in keys}
 
+    def _topk_keys(self) -> tuple[str, ...]:
+        return ("indices", *value_keys(self.fmt)) if self.codec == "none" else ()
+
+    def _topk(self, split: str, rows: Iterable[int], got: dict[str, torch.Tensor]) -> tuple:
+        """(values in `TeacherOutput`'s scheme, ids, values dtype) of `rows`: from the tensors `got` read
+        with `_topk_keys()`, or each row's packed bytes decoded (cache.codec)."""
+        if self.codec == "none":
+            values, values_dtype = decode_values(got, self.fmt)
+            return values, got["indices"].numpy(), values_dtype
+        shape = (1, self.manifest["seq_len"], self.manifest["k"])
+        parts = []
+        for row in rows:
+            handle, local = self._locate(split, int(row))
+            start, end = handle.get_slice("packed_offsets")[local : local + 2].tolist()
+            data = handle.get_slice("packed")[start:end].numpy().tobytes()
+            parts.append(decode_row(data, shape, self.codec, self.fmt, self.manifest["index_dtype"]))
+        values, ids, dtypes = zip(*parts)
+        return np.concatenate(values), np.concatenate(ids), dtypes[0]
+
     def stream(self, batches: Iterable[Any], input_ids_of) -> Iterator[tuple[Any, TeacherOutput]]:
         """Yield (batch, teacher output) for micro-batches `(step, rows)`; same contract as TeacherStream."""
-        keys = ("input_ids", "indices", *value_keys(self.fmt), *(("hidden",) if self.hidden_layers else ()))
+        keys = ("input_ids", *self._topk_keys(), *(("hidden",) if self.hidden_layers else ()))
+        keys += ("offset",) if self.sampled else ()
         for n, batch in enumerate(batches):
             start = time.perf_counter()
             got = self._rows("train", batch[1], keys)
@@ -124,18 +151,19 @@ class CachedTeacher:
                     f"the cached input ids of train rows {list(batch[1])} differ from the run's: the cache "
                     f"was built over other data; write a cache for this run's data."
                 )
-            values, values_dtype = decode_values(got, self.fmt)
+            values, indices, values_dtype = self._topk("train", batch[1], got)
             hidden = None
             if self.hidden_layers:  # [rows, stored layers, T, H] -> [requested layers, rows, T, H]
                 hidden = _numpy(got["hidden"])[:, self._hidden_pos].transpose(1, 0, 2, 3)
             out = TeacherOutput(
                 n,
-                np.ascontiguousarray(values[..., : self.topk]),
-                np.ascontiguousarray(got["indices"].numpy()[..., : self.topk]),
+                np.ascontiguousarray(values[..., : self.width]),
+                np.ascontiguousarray(indices[..., : self.width]),
                 values_dtype,
                 0.0,
                 hidden=hidden,
                 hidden_layers=self.hidden_layers,
+                offset=got["offset"].numpy() if self.sampled else None,
             )
             self.stats.wait_s += time.perf_counter() - start
             self.stats.bytes += out.nbytes
@@ -147,15 +175,19 @@ class CachedTeacher:
         """(top-k log-probs float32 [B, T, k], ids int64 [B, T, k], log-prob of each next token [B, T-1]) for
         held-out sequences, found by their tokens."""
         if self._heldout is None:
-            keys = ("input_ids", "indices", "target_logprob", *value_keys(self.fmt))
+            keys = ("input_ids", "target_logprob", *self._topk_keys())
             self._heldout = {}
             for shard in self._shards["heldout"]:
-                got = self._rows("heldout", range(shard["start"], shard["start"] + shard["rows"]), keys)
-                rows = zip(
-                    got["input_ids"], decode_float32(got, self.fmt), got["indices"], got["target_logprob"]
-                )
-                for ids, values, indices, target in rows:
-                    self._heldout[ids.numpy().tobytes()] = (values.numpy(), indices.numpy(), target.numpy())
+                rows = range(shard["start"], shard["start"] + shard["rows"])
+                got = self._rows("heldout", rows, keys)
+                if self.codec == "none":
+                    values, indices = decode_float32(got, self.fmt).numpy(), got["indices"].numpy()
+                else:
+                    values, indices, values_dtype = self._topk("heldout", rows, got)
+                    values = as_float32(values, values_dtype)
+                rows = zip(got["input_ids"], values, indices, got["target_logprob"])
+                for ids, v, i, target in rows:
+                    self._heldout[ids.numpy().tobytes()] = (v, i, target.numpy())
         found = []
         for row in np.asarray(input_ids):
             if row.tobytes() not in self._heldout:

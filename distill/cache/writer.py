@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from distill.cache.codec import encode_values
+from distill.cache.codec import encode_rows, encode_values
 from distill.cache.manifest import MANIFEST, SHARD_LOG, CacheError, check_same_cache, read_manifest
 from distill.files import sha256_file, write_json_atomic
 from distill.teacher.actor import _to_numpy, index_dtype
@@ -134,14 +134,18 @@ def shard_tensors(
     fmt: str,
     hidden: np.ndarray | None = None,
     target_logprob: np.ndarray | None = None,
+    codec: str = "none",
+    offset: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One shard's tensors: ids [n, T], top-k [n, T, k] in `fmt`, hidden [n, layers, T, H] in
-    hidden_dtype(fmt), and (held-out) the teacher's log-prob of each next token [n, T - 1] in float32."""
-    tensors = {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(input_ids)),
-        "indices": torch.from_numpy(np.ascontiguousarray(indices)),
-        **encode_values(values.astype(np.float32), fmt),
-    }
+    """One shard's tensors: ids [n, T], top-k [n, T, k] in `fmt` (or each row packed by `codec`), hidden
+    [n, layers, T, H] in hidden_dtype(fmt), and (held-out) the teacher's log-prob of each next token
+    [n, T - 1] in float32, and the sampled sparsifiers' KL offset [n, T] in float32."""
+    tensors = {"input_ids": torch.from_numpy(np.ascontiguousarray(input_ids))}
+    if codec == "none":
+        tensors["indices"] = torch.from_numpy(np.ascontiguousarray(indices))
+        tensors.update(encode_values(values.astype(np.float32), fmt))
+    else:
+        tensors.update(encode_rows(values.astype(np.float32), indices, codec, fmt))
     if hidden is not None:
         dtype = hidden_dtype(fmt)
         packed = _to_numpy(torch.from_numpy(np.ascontiguousarray(hidden)), dtype)
@@ -151,6 +155,8 @@ def shard_tensors(
             )
         packed = torch.from_numpy(packed)
         tensors["hidden"] = packed.view(torch.bfloat16) if dtype == "bfloat16" else packed
+    if offset is not None:
+        tensors["offset"] = torch.from_numpy(np.ascontiguousarray(offset, np.float32))
     if target_logprob is not None:
         tensors["target_logprob"] = torch.from_numpy(target_logprob.astype(np.float32))
     return tensors
@@ -184,13 +190,12 @@ def fill(
         for s in shard_plan({k: len(v) for k, v in data.items()}, shard_sequences)
         if (s[0], s[1]) not in writer.written()
     ]
-    seq_len = m["seq_len"]
+    seq_len, codec = m["seq_len"], m.get("codec", "none")
     for split, start, end in (s for s in todo if s[0] == "heldout"):
         ids = data[split][start:end]
         values, indices, target = heldout_rows(stream, ids, m["k"], m["vocab_size"])
-        writer.write_shard(
-            split, start, shard_tensors(ids, values, indices, m["values"], target_logprob=target)
-        )
+        tensors = shard_tensors(ids, values, indices, m["values"], target_logprob=target, codec=codec)
+        writer.write_shard(split, start, tensors)
         progress.update((end - start) * seq_len)
 
     train = [s for s in todo if s[0] == "train"]
@@ -212,6 +217,8 @@ def fill(
             np.concatenate([p.indices for p in parts]),
             m["values"],
             hidden=hidden,
+            codec=codec,
+            offset=np.concatenate([p.offset for p in parts]) if parts[0].offset is not None else None,
         )
         writer.write_shard("train", start, tensors)
         progress.update((end - start) * seq_len)

@@ -172,8 +172,10 @@ class DistillationLoss:
     next-token targets already aligned with the positions, -100 = no CE target (None = no CE at all);
     mask [B, T] bool, the positions that count (None = all): KD counts where mask, CE where mask and a
     label; normaliser = counted tokens in the global batch (module docstring); step = optimizer step for
-    the schedule. Positions outside the mask are dropped before any computation, so their teacher data
-    may be padding or garbage.
+    the schedule; teacher_offset [B, T] (sampled sparsifiers, distill/teacher/sparsify.py): a constant per
+    position added to the KD term so that its value estimates the full-vocabulary KL without bias (forward
+    KL at temperature 1 only; no gradient). Positions outside the mask are dropped before any computation,
+    so their teacher data may be padding or garbage.
     """
 
     def __init__(
@@ -367,6 +369,25 @@ class DistillationLoss:
             check_teacher_indices(idx, vocab)  # in the training loop: checked on the host, before the copy
         return flat_student, values, idx, lab
 
+    def _with_offset(
+        self, loss: Tensor, sums: Tensor, offset: Tensor | None, mask: Tensor | None, step: int, normaliser
+    ) -> tuple[Tensor, Tensor]:
+        """Loss and metric sums with the sampled sparsifiers' per-position constant added to the KD term
+        (counted positions only): the KD value then estimates the full-vocabulary KL without bias."""
+        if offset is None:
+            return loss, sums
+        knobs = self.values_at(step)
+        if self.divergence != "forward_kl" or knobs["temperature"] != 1.0:
+            raise ValueError(
+                f"a sampled teacher (stream.sparsifier sample / topk_sample) estimates forward KL at "
+                f"temperature 1; the loss is {self.divergence} at temperature {knobs['temperature']}: use "
+                f"loss=forward_kl (or kd_ce) with loss.temperature=1, or stream.sparsifier=topk"
+            )
+        (kept,) = select_rows(mask, offset.detach().reshape(-1))
+        total = kept.to(torch.float64).sum()
+        sums = torch.cat([sums[:1] + total, sums[1:]])  # _SUM_KEYS[0] is kd_sum
+        return loss + (knobs["kd_weight"] * total / check_normaliser(normaliser)).to(loss.dtype), sums
+
     def _output(self, loss: Tensor, sums: Tensor, tokens: int) -> LossOutput:
         values = sums.unbind() if _METRICS_ON_DEVICE.get() else sums.tolist()  # no host sync, or one
         metrics = dict(zip(_SUM_KEYS, values))
@@ -384,6 +405,7 @@ class DistillationLoss:
         mask: Tensor | None,
         normaliser: float,
         step: int = 0,
+        teacher_offset: Tensor | None = None,
     ) -> LossOutput:
         """Loss from full student logits [B, T, V] (any float dtype; computed in fp32).
 
@@ -409,7 +431,10 @@ class DistillationLoss:
             student_mass = (student_ids.logsumexp(-1) - lse_all).exp()
             top1 = z.argmax(-1) == self._teacher_top1(values, idx)
             sums = self._sums(kd, ce, values, student_mass, top1, valid)
-        return self._output(total.sum() / check_normaliser(normaliser), sums, z.shape[0])
+        loss, sums = self._with_offset(
+            total.sum() / check_normaliser(normaliser), sums, teacher_offset, mask, step, normaliser
+        )
+        return self._output(loss, sums, z.shape[0])
 
     def fused(
         self,
@@ -421,6 +446,7 @@ class DistillationLoss:
         mask: Tensor | None,
         normaliser: float,
         step: int = 0,
+        teacher_offset: Tensor | None = None,
     ) -> LossOutput:
         """Same loss as `__call__(hidden @ lm_head_weight.T, ...)` without materialising the full logits.
 
@@ -450,6 +476,7 @@ class DistillationLoss:
             scale=1.0 / check_normaliser(normaliser),
         )
         loss, sums = _FusedLinearLoss.apply(h, lm_head_weight, values, idx, lab, chunk_fn, self.chunk_size)
+        loss, sums = self._with_offset(loss, sums, teacher_offset, mask, step, normaliser)
         return self._output(loss, sums, h.shape[0])
 
 

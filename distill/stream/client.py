@@ -115,15 +115,20 @@ class TeacherStream:
         hidden_layers: list[int] | None = None,
         first_replica: int = 0,
         max_wait_s: float | None = None,
+        codec: str = "none",
+        sparsifier=None,
     ):
         """`timeout_s`: how long a reply may take before the stream says it is slow (and again after
         twice as long, and so on); `max_wait_s` (default `timeout_s`): how long it waits in all for one reply
         from a replica Ray still has alive before it gives up (TeacherStreamError). A replica Ray reports
-        dead is dropped at once and its requests go to the others."""
+        dead is dropped at once and its requests go to the others. `codec` (distill/codecs.py): how the
+        teachers encode top-k replies; they are decoded here, and the stream's bytes count them encoded.
+        `sparsifier` (distill/teacher/sparsify.py `Sparsifier`, None = top-k): which entries a reply holds."""
         if prefetch < 1:
             raise ValueError(f"prefetch={prefetch} must be >= 1")
         self.replicas, self.topk, self.prefetch = list(replicas), topk, prefetch
-        self.values_dtype, self.timeout_s = values_dtype, timeout_s
+        self.values_dtype, self.timeout_s, self.codec = values_dtype, timeout_s, codec
+        self.sparsifier = sparsifier
         self.max_wait_s = max(timeout_s, max_wait_s or timeout_s)
         self.hidden_layers = list(hidden_layers) if hidden_layers else None
         # ranks start the round-robin at different replicas (their rank), so they spread over the pool
@@ -143,7 +148,15 @@ class TeacherStream:
                 "every teacher replica is dead (each exhausted its restarts); the run cannot continue"
             )
         replica = self.replicas[(request_id + self.first_replica) % len(self.replicas)]
-        ref = replica.submit_topk(request_id, input_ids, self.topk, self.values_dtype, self.hidden_layers)
+        ref = replica.submit_topk(
+            request_id,
+            input_ids,
+            self.topk,
+            self.values_dtype,
+            self.hidden_layers,
+            codec=self.codec,
+            sparsifier=self.sparsifier,
+        )
         return request_id, replica, ref
 
     def _receive(self, request: tuple, input_ids: np.ndarray, in_flight: int) -> TeacherOutput:
@@ -161,6 +174,7 @@ class TeacherStream:
                     self.replicas.remove(replica)
                     log.warning("teacher replica died for good; %d replica(s) left", len(self.replicas))
                 request_id, replica, ref = self._submit(input_ids, request_id)
+        out = out.unpacked()  # decoding counts as waiting: the student cannot go on without it
         self.stats.wait_s += time.perf_counter() - start
         if out.request_id != request_id:
             raise TeacherStreamError(f"reply {out.request_id} arrived for request {request_id}")

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill.stream.client import StreamStats, TeacherStream
 from distill.stream.ensemble import WEIGHTINGS, mix_full_log_probs, mix_outputs
 from distill.teacher.actor import TeacherOutput
+from distill.teacher.sparsify import sparsifier_of
 
 
 def merged_stats(parts: list[StreamStats]) -> StreamStats:
@@ -128,14 +129,18 @@ def reassemble(outputs: dict[str, TeacherOutput], rows: dict[str, np.ndarray], n
     first = next(iter(outputs.values()))
     values = np.empty((n, *first.values.shape[1:]), first.values.dtype)
     indices = np.empty((n, *first.indices.shape[1:]), first.indices.dtype)
+    offset = None if first.offset is None else np.empty((n, *first.offset.shape[1:]), np.float32)
     for name, out in outputs.items():
         values[rows[name]], indices[rows[name]] = out.values, out.indices
+        if offset is not None:  # sampled sparsifiers: every teacher's reply carries its KL offsets
+            offset[rows[name]] = out.offset
     return TeacherOutput(
         first.request_id,
         values,
         indices,
         first.values_dtype,
         compute_s=sum(o.compute_s for o in outputs.values()),
+        offset=offset,
     )
 
 
@@ -255,7 +260,14 @@ def open_routed_stream(cfg: DictConfig, run_tag: str, sources_of: Callable) -> R
     def single(name: str) -> TeacherStream:
         pool = TeacherPool.attach(pool_tag(run_tag, name), tcs[name].replicas, tcs[name].stages)
         return TeacherStream(
-            pool.actors, s.topk, s.prefetch, s.values_dtype, s.timeout_s, max_wait_s=s.max_wait_s
+            pool.actors,
+            s.topk,
+            s.prefetch,
+            s.values_dtype,
+            s.timeout_s,
+            max_wait_s=s.max_wait_s,
+            codec=s.codec,
+            sparsifier=sparsifier_of(s, cfg.data.seed),
         )
 
     streams = {name: single(name) for name in cfg.teachers}  # the teachers started for this run/phase

@@ -104,6 +104,7 @@ class StudentObjective(torch.nn.Module):
         normaliser: float,
         step: int,
         teacher_hidden: dict[int, torch.Tensor] | None = None,
+        teacher_offset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Returns (loss, metric sums) as a plain tuple: ZeRO-3 hooks its backward gathering onto the
         tensors it finds in a module's outputs, and it looks inside tuples, not dataclasses.
@@ -111,6 +112,7 @@ class StudentObjective(torch.nn.Module):
         `teacher_values` None (no teacher): plain cross-entropy where `mask` is set and there is a label.
 
         `teacher_hidden` = {teacher layer: hidden state [B, T, H_teacher]}, needed with a projector.
+        `teacher_offset` [B, T]: the sampled sparsifiers' KL constant (distill/teacher/sparsify.py).
         """
         if teacher_values is None:  # no teacher (teacher.source=none): cross-entropy on the labels only
             return self._cross_entropy(input_ids, labels, mask, normaliser)
@@ -119,11 +121,15 @@ class StudentObjective(torch.nn.Module):
         if self.fused:
             out = self.model.get_decoder()(input_ids=input_ids, output_hidden_states=features)
             kd: LossOutput = self.loss_fn.fused(
-                out.last_hidden_state, self.model.get_output_embeddings().weight, *teacher, step=step
+                out.last_hidden_state,
+                self.model.get_output_embeddings().weight,
+                *teacher,
+                step=step,
+                teacher_offset=teacher_offset,
             )
         else:
             out = self.model(input_ids=input_ids, output_hidden_states=features)
-            kd = self.loss_fn(out.logits, *teacher, step=step)
+            kd = self.loss_fn(out.logits, *teacher, step=step, teacher_offset=teacher_offset)
         if not features:
             return kd.loss, kd.metrics
         if not teacher_hidden:

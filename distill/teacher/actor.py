@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from distill.codecs import Packed, decode, encode
+from distill.teacher.sparsify import Sparsifier, request_generator, sparsify, width
 
 _NUMPY_VALUES = {"float16": np.float16, "float32": np.float32}
 # The vocabulary-wide temporaries of a top-k reply (fp32 logits and log-probs) are made this many bytes of
@@ -28,16 +31,42 @@ def topk_log_probs(hidden: torch.Tensor, head, k: int) -> tuple[torch.Tensor, to
     final hidden states [..., H] and `head` mapping [n, H] to logits [n, V]. Computed a chunk of positions
     at a time (`LOGITS_CHUNK_BYTES` of fp32 logits), so the peak does not grow with micro-batch x vocab;
     row by row the same numbers as the whole batch at once."""
+    values, indices, _ = sparse_log_probs(hidden, head, k)
+    return values, indices
+
+
+@torch.no_grad()
+def sparse_log_probs(
+    hidden: torch.Tensor,
+    head,
+    k: int,
+    sparsifier: Sparsifier | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`topk_log_probs` with the entries chosen by `sparsifier` (distill/teacher/sparsify.py): values and
+    ids [..., m], and each position's KL offset [...] for the sampled schemes (None for top-k)."""
+    spec = sparsifier or Sparsifier()
     flat = hidden.reshape(-1, hidden.shape[-1])
     vocab = head.weight.shape[0] if hasattr(head, "weight") else None
     chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab)) if vocab else len(flat)
-    values = torch.empty(len(flat), k, dtype=torch.float32, device=hidden.device)
-    indices = torch.empty(len(flat), k, dtype=torch.long, device=hidden.device)
+    m = width(spec.kind, k, spec.samples)
+    # the reply's arrays are allocated once and filled chunk by chunk: nothing small is left allocated
+    # between the chunks' large temporaries, which would fragment the heap
+    values = torch.empty(len(flat), m, dtype=torch.float32, device=hidden.device)
+    indices = torch.empty(len(flat), m, dtype=torch.long, device=hidden.device)
+    offset = None if spec.kind == "topk" else torch.empty(len(flat), device=hidden.device)
     for start in range(0, len(flat), chunk):
-        log_probs = torch.log_softmax(head(flat[start : start + chunk]).float(), dim=-1)
-        torch.topk(log_probs, k, dim=-1, out=(values[start : start + chunk], indices[start : start + chunk]))
+        end = start + chunk
+        log_probs = torch.log_softmax(head(flat[start:end]).float(), dim=-1)
+        if offset is None:
+            torch.topk(log_probs, k, dim=-1, out=(values[start:end], indices[start:end]))
+        else:
+            values[start:end], indices[start:end], offset[start:end] = sparsify(
+                log_probs, spec.kind, k, spec.samples, generator
+            )
         del log_probs
-    return values.view(*hidden.shape[:-1], k), indices.view(*hidden.shape[:-1], k)
+    lead = hidden.shape[:-1]
+    return values.view(*lead, m), indices.view(*lead, m), None if offset is None else offset.view(lead)
 
 
 def index_dtype(vocab_size: int) -> np.dtype:
@@ -64,18 +93,39 @@ class TeacherOutput:
     """
 
     request_id: int
-    values: np.ndarray  # float16 / float32, or uint16 holding bfloat16 bits (numpy has no bfloat16)
-    indices: np.ndarray
+    values: np.ndarray | None  # float16 / float32, or uint16 holding bfloat16 bits (numpy has no bfloat16)
+    indices: np.ndarray | None
     values_dtype: str
     compute_s: float
     hidden: np.ndarray | None = None  # same dtype scheme as `values`
     hidden_layers: list[int] | None = None
     hop_bytes: int = 0  # activations a pipeline replica sent between its stages for this reply
+    packed: Packed | None = None  # values and indices encoded by a `stream.codec` (then both are None)
+    offset: np.ndarray | None = None  # [B, T] float32: the sampled sparsifiers' KL offset (sparsify.py)
+    wire_bytes: int | None = None  # set by `unpacked`: what the reply weighed on the way
+
+    def unpacked(self) -> TeacherOutput:
+        """This reply with its values and ids decoded; `nbytes` still counts the bytes that travelled."""
+        if self.packed is None:
+            return self
+        values, indices = decode(self.packed)
+        return replace(
+            self,
+            values=values,
+            indices=indices,
+            values_dtype=self.packed.values_dtype,
+            packed=None,
+            wire_bytes=self.nbytes,
+        )
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         values = _from_numpy(self.values, self.values_dtype)
         indices = torch.from_numpy(self.indices.astype(np.int64))
         return values, indices
+
+    def offset_tensor(self) -> torch.Tensor | None:
+        """The KL offset per position [B, T] (sampled sparsifiers), or None (top-k)."""
+        return None if self.offset is None else torch.from_numpy(np.array(self.offset, np.float32))
 
     def hidden_tensors(self) -> dict[int, torch.Tensor]:
         """{teacher layer: hidden state [B, T, H] in float32}; empty when no layers were requested."""
@@ -86,8 +136,12 @@ class TeacherOutput:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the reply as sent: the packed top-k, or its arrays, plus the hidden states."""
+        if self.wire_bytes is not None:
+            return self.wire_bytes
         hidden = 0 if self.hidden is None else self.hidden.nbytes
-        return self.values.nbytes + self.indices.nbytes + hidden
+        topk = self.packed.nbytes if self.packed is not None else self.values.nbytes + self.indices.nbytes
+        return topk + hidden + (0 if self.offset is None else self.offset.nbytes)
 
 
 def pack_output(
@@ -99,9 +153,12 @@ def pack_output(
     compute_s: float,
     hidden: torch.Tensor | None = None,
     hidden_layers: list[int] | None = None,
+    codec: str = "none",
+    offset: torch.Tensor | None = None,
 ) -> TeacherOutput:
     """The reply for one micro-batch: top-k log-probs and ids [B, T, k] (`topk_log_probs`) in compact
-    dtypes, plus hidden states [n_layers, B, T, H] of `hidden_layers` when asked for."""
+    dtypes, or encoded by `codec` (distill/codecs.py), plus hidden states [n_layers, B, T, H] of
+    `hidden_layers` when asked for, and the sampled sparsifiers' KL `offset` [B, T]."""
     hidden_np = None
     if hidden is not None:
         hidden_np = _to_numpy(hidden, values_dtype)
@@ -110,14 +167,30 @@ def pack_output(
                 f"teacher hidden states of layers {hidden_layers} overflow float16 (|x| > 65504); "
                 "use stream.values_dtype=bfloat16 or float32"
             )
+    ids = indices.cpu().numpy().astype(index_dtype(vocab_size))
+    offset_np = None if offset is None else offset.float().cpu().numpy()
+    if codec != "none":
+        packed = encode(values.float().cpu().numpy(), ids, codec, values_dtype)
+        return TeacherOutput(
+            request_id,
+            None,
+            None,
+            values_dtype,
+            compute_s,
+            hidden_np,
+            hidden_layers,
+            packed=packed,
+            offset=offset_np,
+        )
     return TeacherOutput(
         request_id,
         _to_numpy(values, values_dtype),
-        indices.cpu().numpy().astype(index_dtype(vocab_size)),
+        ids,
         values_dtype,
         compute_s,
         hidden=hidden_np,
         hidden_layers=hidden_layers,
+        offset=offset_np,
     )
 
 
@@ -198,19 +271,26 @@ class TeacherActor:
 
     @torch.no_grad()
     def _topk(
-        self, input_ids: np.ndarray, k: int, hidden_layers: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Top-k log-probs and ids [B, T, k], and the hidden states [n, B, T, H] of `hidden_layers`."""
+        self,
+        input_ids: np.ndarray,
+        k: int,
+        hidden_layers: list[int] | None = None,
+        sparsifier: Sparsifier | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Top-k (or sparsified) log-probs and ids [B, T, m], the KL offset [B, T] of the sampled
+        sparsifiers (else None), and the hidden states [n, B, T, H] of `hidden_layers` (else None)."""
         ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
         want = bool(hidden_layers)
+        generator = request_generator(input_ids, sparsifier.seed, self.device) if sparsifier else None
         if self.plain_head:
             out = self.model.get_decoder()(input_ids=ids, output_hidden_states=want)
-            values, indices = topk_log_probs(out.last_hidden_state, self.model.get_output_embeddings(), k)
+            head, final = self.model.get_output_embeddings(), out.last_hidden_state
         else:
             out = self.model(input_ids=ids, output_hidden_states=want)
-            values, indices = topk_log_probs(out.logits, torch.nn.Identity(), k)
+            head, final = torch.nn.Identity(), out.logits
+        values, indices, offset = sparse_log_probs(final, head, k, sparsifier, generator)
         hidden = torch.stack([out.hidden_states[j + 1] for j in hidden_layers]) if want else None
-        return values, indices, hidden
+        return values, indices, offset, hidden
 
     def _check_layers(self, hidden_layers: list[int]) -> None:
         bad = [j for j in hidden_layers if not 0 <= j < self.num_layers]
@@ -227,17 +307,29 @@ class TeacherActor:
         k: int,
         values_dtype: str = "float16",
         hidden_layers: list[int] | None = None,
+        codec: str = "none",
+        sparsifier: Sparsifier | None = None,
     ) -> TeacherOutput:
-        """Top-k log-probs of every position of a micro-batch [B, T] of token ids, plus the hidden
-        states of `hidden_layers` (layer j = output of decoder layer j) when given."""
+        """Top-k log-probs of every position of a micro-batch [B, T] of token ids (or the entries
+        `sparsifier` picks), plus the hidden states of `hidden_layers` (layer j = output of decoder
+        layer j) when given; encoded by `codec`."""
         start = time.perf_counter()
         hidden_layers = list(hidden_layers) if hidden_layers else None
         if hidden_layers:
             self._check_layers(hidden_layers)
-        values, indices, hidden = self._topk(input_ids, k, hidden_layers)
+        values, indices, offset, hidden = self._topk(input_ids, k, hidden_layers, sparsifier)
         compute_s = time.perf_counter() - start
         return pack_output(
-            request_id, values, indices, values_dtype, self.vocab_size, compute_s, hidden, hidden_layers
+            request_id,
+            values,
+            indices,
+            values_dtype,
+            self.vocab_size,
+            compute_s,
+            hidden,
+            hidden_layers,
+            codec,
+            offset,
         )
 
     @torch.no_grad()

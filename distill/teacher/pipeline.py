@@ -13,6 +13,8 @@ Supports decoder-only models laid out like Llama (`model.embed_tokens`, `model.l
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +28,8 @@ from safetensors import safe_open
 
 from distill.documents import document_position_ids, flash_varlen_kwargs
 from distill.placement import ray_gpu_options
-from distill.teacher.actor import TeacherOutput, pack_output, topk_log_probs
+from distill.teacher.actor import TeacherOutput, pack_output, sparse_log_probs
+from distill.teacher.sparsify import Sparsifier, request_seed
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
@@ -60,6 +63,32 @@ def _load(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[
     for path, wanted in by_file.items():
         with safe_open(path, framework="pt") as f:
             out.update({n: f.get_tensor(n).to(dtype) for n in wanted})
+    return out
+
+
+def _load_shards(
+    files: dict[str, Path], placeholders: dict, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """{name: this rank's shard as a DTensor} for the tensor-parallel `placeholders` ({name: DTensor on the
+    meta device}): each read as only the slice this rank owns (`safe_open(...).get_slice`).
+
+    A block of whole rows ("colwise") is a view of the memory-mapped file, of which only this rank's rows
+    are ever read. A block of columns ("rowwise") of a row-major tensor touches every row's pages; it is
+    copied out through a handle of its own, closed right after, so those pages leave this process's
+    memory again instead of staying mapped (and counted) beside the row blocks."""
+    from distill.teacher.tensor_parallel import read_shard, whole_rows
+
+    rows = [n for n in placeholders if whole_rows(placeholders[n])]
+    by_file: dict[Path, list[str]] = {}
+    for name in rows:
+        by_file.setdefault(files[name], []).append(name)
+    out = {}
+    for path, wanted in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            out.update({n: read_shard(f, n, placeholders[n], device, dtype) for n in wanted})
+    for name in (n for n in placeholders if n not in out):
+        with safe_open(files[name], framework="pt") as f:
+            out[name] = read_shard(f, name, placeholders[name], device, dtype, copy=True)
     return out
 
 
@@ -106,7 +135,13 @@ def activations_in(array: np.ndarray, name: str, device: torch.device) -> torch.
 
 
 class TeacherStage:
-    """One pipeline stage; wrapped with `ray.remote` by `PipelineTeacher`."""
+    """One pipeline stage, or one rank of a stage's tensor-parallel group; wrapped with `ray.remote` by
+    `PipelineTeacher`.
+
+    With `tp_size` > 1 the constructor only records what to load: the group's ranks first meet (`rendezvous`
+    on rank 0, then `join` on every rank), then each loads its shard. Requests go to rank 0 only (`lead`),
+    which hands the same request to the other ranks itself (`follow`), so every rank runs the group's
+    requests in one order, the order rank 0 runs them in, whichever processes sent them."""
 
     def __init__(
         self,
@@ -116,22 +151,58 @@ class TeacherStage:
         dtype: str = "auto",
         threads: int = 1,
         document_isolation: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ):
+        self.rss_before_weights = self.memory()["VmRSS"]  # the Python/torch/transformers runtime alone
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.tp_rank, self.tp_size, self.followers = tp_rank, tp_size, []
+        self.load_error: Exception | None = None
+        self.start, self.end = start, end
+        self._load_args = (model_dir, start, end, dtype, document_isolation)
+        if tp_size == 1:
+            self._load(*self._load_args)
+
+    def rendezvous(self) -> str:
+        """Rank 0 of a tensor-parallel group: open the group's store on a free port of this node and return
+        its address (`host:port`) for the other ranks' `join`."""
+        from distill.teacher.tensor_parallel import Rendezvous
+
+        self._rendezvous = Rendezvous(self.tp_size)
+        return self._rendezvous.address
+
+    def join(self, address: str, followers: list | None = None) -> None:
+        """Form the stage's tensor-parallel group (every rank calls this; `followers`: rank 0 is given the
+        other ranks' actor handles) and load this rank's shard. Returns once every rank has loaded; a rank
+        that failed makes every rank raise (`agree_loaded`), so none is left waiting on it."""
+        from distill.teacher.tensor_parallel import agree_loaded, init_group
+
+        store = self._rendezvous.store if self.tp_rank == 0 else None
+        mesh = init_group(address, self.tp_rank, self.tp_size, self.device, store)
+        self.followers = list(followers or [])
+        try:
+            self._load(*self._load_args, mesh=mesh)
+        except Exception as e:  # told to the other ranks, then raised here too
+            self.load_error = e
+        agree_loaded(self.load_error)
+
+    def _load(
+        self, model_dir: str, start: int, end: int, dtype: str, document_isolation: bool, mesh=None
+    ) -> None:
+        """Build the stage's modules on the meta device and load its tensors (with a tensor-parallel `mesh`:
+        the planned layer weights as this rank's shards, everything else whole)."""
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.masking_utils import create_causal_mask
 
         from distill.models import resolve_attn_implementation, resolve_dtype
 
-        self.rss_before_weights = self.memory()["VmRSS"]  # the Python/torch/transformers runtime alone
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
         self.dtype = resolve_dtype(dtype, self.device)
         config = AutoConfig.from_pretrained(model_dir)
         # sdpa / flash attention apply the causal mask themselves; eager would need it built explicitly
         config._attn_implementation = resolve_attn_implementation("auto", self.device, self.dtype)
         self.config, self._create_causal_mask = config, create_causal_mask
-        self.start, self.end = start, end
         self.first, self.last = start == 0, end == config.num_hidden_layers
         # stage 0 finds the packed rows' documents (distill/documents.py) and passes their positions on
         self.document_eos = None
@@ -151,8 +222,15 @@ class TeacherStage:
             wanted["model.norm."] = decoder.norm
             wanted["lm_head."] = skeleton.lm_head
         names = {n for n in files if any(n.startswith(p) for p in wanted)}
+        sharded = {}  # tensor-parallel: {name: DTensor placeholder} of the layer weights split over the group
+        if mesh is not None:
+            from distill.teacher.tensor_parallel import layer_plan, shard
+
+            sharded = shard(skeleton, mesh, layer_plan(skeleton, range(start, end)))
         tied = self.last and "lm_head.weight" not in files  # tied embeddings: the head is the embedding
-        tensors = _load(files, sorted(names | ({"model.embed_tokens.weight"} if tied else set())), self.dtype)
+        whole = sorted((names - set(sharded)) | ({"model.embed_tokens.weight"} if tied else set()))
+        tensors = _load(files, whole, self.dtype)
+        tensors.update(_load_shards(files, sharded, self.device, self.dtype))
         if tied:
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         # a stage given several GPUs spreads its layers over all of them (embeddings with the first block,
@@ -171,16 +249,43 @@ class TeacherStage:
         self.norm, self.head = (decoder.norm, skeleton.lm_head) if self.last else (None, None)
         with torch.device(self.device):  # its buffers are computed from the config, not loaded
             self.rotary = type(decoder.rotary_emb)(config=config)
+        # a stage holding the whole model (one stage, tensor-parallel or not) can run the model's own
+        # forward, with its KV cache: generation (`generate`)
+        self.model = None
+        if self.first and self.last:
+            decoder.rotary_emb = self.rotary
+            self.model = skeleton.eval()
 
     def info(self) -> dict:
+        """Where the stage runs and how many parameters it holds (with tensor parallelism, rank 0 reports the
+        group: parameters summed over the ranks' shards and replicated tensors, and every rank under
+        `ranks`)."""
+        from distill.teacher.tensor_parallel import local_tensor
+
+        if self.load_error is not None:
+            raise self.load_error
         modules = [m for m in (self.embed, *self.layers, self.norm, self.head) if m is not None]
-        params = {p.data_ptr(): p.numel() for m in modules for p in m.parameters()}  # tied head: once
-        return {
+        local = [local_tensor(p) for m in modules for p in m.parameters()]
+        params = {t.data_ptr(): t.numel() for t in local}  # tied head: once
+        own = {
             "layers": [self.start, self.end],
             "parameters": sum(params.values()),
             "device": str(self.device),
             "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
             "document_eos": self.document_eos,  # stage 0 only: the stage that finds the documents
+        }
+        if self.tp_size == 1:
+            return own
+        own["tp_rank"] = self.tp_rank
+        if self.tp_rank > 0:
+            return own
+        ranks = [own, *ray.get([f.info.remote() for f in self.followers])]
+        return {
+            **own,
+            "parameters": sum(r["parameters"] for r in ranks),
+            "tensor_parallel": self.tp_size,
+            "ranks": ranks,
         }
 
     def memory(self) -> dict:
@@ -239,12 +344,25 @@ class TeacherStage:
         result.pop("input_ids", None)
         return result
 
-    def topk(self, payload: dict, request_id: int, k: int, values_dtype: str) -> TeacherOutput:
-        """Last stage only: top-k of the full-vocabulary log-probs, packed like `TeacherActor.topk`."""
+    def topk(
+        self,
+        payload: dict,
+        request_id: int,
+        k: int,
+        values_dtype: str,
+        codec: str = "none",
+        sparsifier: Sparsifier | None = None,
+    ) -> TeacherOutput:
+        """Last stage only: top-k (or `sparsifier`'s entries) of the full-vocabulary log-probs, packed like
+        `TeacherActor.topk`; the draws' seed came with the request (`sample_seed`, from its token ids)."""
         result = self.run(payload)
         layers = list(payload["hidden_layers"]) if payload.get("hidden_layers") else None
         hidden = torch.from_numpy(np.stack([result["collected"][j] for j in layers])) if layers else None
-        values, indices = topk_log_probs(result["final_hidden"], self.head, k)
+        generator = None
+        if sparsifier is not None:
+            generator = torch.Generator(device=self.device).manual_seed(payload["sample_seed"])
+        final = result["final_hidden"]
+        values, indices, offset = sparse_log_probs(final, self.head, k, sparsifier, generator)
         out = pack_output(
             request_id,
             values,
@@ -254,6 +372,8 @@ class TeacherStage:
             result["compute_s"],
             hidden,
             layers,
+            codec,
+            offset,
         )
         out.hop_bytes = result.get("hop_bytes", 0)  # activations sent between this replica's stages
         return out
@@ -263,6 +383,85 @@ class TeacherStage:
         logits = self.head(self.run(payload)["final_hidden"]).float()
         return torch.log_softmax(logits, dim=-1).cpu().numpy()
 
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0
+    ) -> list[dict]:
+        """Sampled completions, as `TeacherActor.generate`; only a stage that holds the whole model (a
+        one-stage replica: tensor-parallel, or not) can generate. Every rank of a tensor-parallel group runs
+        the same sampling on the same all-reduced logits, so all draw the same tokens and stop together."""
+        from distill.teacher.generate import generate
+
+        if self.model is None:
+            raise ValueError(
+                f"stage of layers {self.start}-{self.end} cannot generate: generation needs a replica with "
+                f"one stage (teacher.stages=1; tensor_parallel may be > 1)"
+            )
+        return generate(self.model, prompts, seeds, topk=topk, **sampling)
+
+    # ---- tensor parallelism: requests reach rank 0, which hands them to the other ranks itself ----
+
+    # what a rank other than 0 runs for each request: the layers (every collective is in them) and, for
+    # generation, the whole sampling loop; the replicated LM head and the reply are rank 0's alone
+    FOLLOWER_METHODS = {"run": "run", "topk": "run", "full_log_probs": "run", "generate": "generate"}
+    # how long rank 0, whose own part of a request raised, waits for the other ranks to finish theirs before
+    # it takes the group to be out of step (a rank left in a collective) and ends itself
+    FOLLOWER_GRACE_S = 60.0
+
+    def lead(self, method: str, payload, boxed: list, *args):
+        """Rank 0 of a tensor-parallel group: run `method(payload, *args)` with every rank of the group.
+
+        The payload comes twice: as an argument Ray resolves before this task starts (a previous stage's
+        activations, read in place from the object store; a failed or dead previous stage fails this task
+        before it runs), and inside a list (`boxed`), which Ray leaves alone, so the same ObjectRef is passed
+        on and each rank reads the activations itself (no copy made here). The other ranks are sent the
+        request before rank 0 starts it, from this process, so they run the group's requests in rank 0's
+        order and meet in the same collectives.
+
+        A rank that died (kill -9, OOM) makes this process end itself, so the request fails with
+        RayActorError exactly like a dead whole-model replica (the stream drops the replica and re-sends its
+        requests to the others); a group whose ranks cannot continue together is never left to hang. An
+        error that every rank raised alike (the teacher's own, e.g. a bad request) is raised as usual."""
+        calls = [f.follow.remote(method, boxed, *args) for f in self.followers]
+        try:
+            out = getattr(self, method)(payload, *args)
+        except Exception as error:
+            done, waiting = ray.wait(calls, num_returns=len(calls), timeout=self.FOLLOWER_GRACE_S)
+            if waiting:
+                self._die(f"{method} raised {error!r} and ranks are still waiting in the group's collectives")
+            self._check_ranks(done, method, raised_too=True)
+            raise
+        self._check_ranks(calls, method, raised_too=False)
+        return out
+
+    def follow(self, method: str, boxed: list, *args) -> None:
+        """A rank other than 0: its share of rank 0's request (`lead`); the reply is rank 0's."""
+        name = self.FOLLOWER_METHODS[method]
+        getattr(self, name)(_unboxed(boxed), *(args if name == "generate" else ()))
+
+    def _check_ranks(self, calls: list, method: str, raised_too: bool) -> None:
+        """End this process if a rank died during the request, or raised when rank 0 did not (`raised_too`
+        False: that rank may have left collectives unrun, so the group is out of step)."""
+        for call in calls:
+            try:
+                ray.get(call)
+            except ray.exceptions.RayActorError:
+                self._die(f"a tensor-parallel rank of this stage died during {method}")
+            except ray.exceptions.RayTaskError as e:
+                if not raised_too:
+                    self._die(f"a tensor-parallel rank of this stage raised during {method}: {e}")
+
+    def _die(self, why: str) -> None:
+        """End this process: a tensor-parallel group that lost a rank cannot run another collective, and a
+        dead actor is what Ray, the pool and the stream already handle (restart or drop the replica)."""
+        print(f"teacher stage {self.start}-{self.end} rank 0 ends itself: {why}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _unboxed(boxed: list):
+    """The payload of a `follow` request: a previous stage's ObjectRef resolved, or the payload."""
+    (payload,) = boxed
+    return ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload
+
 
 class PipelineTeacher:
     """One teacher replica as a chain of stage actors named `<name>/stage-<s>`.
@@ -270,10 +469,30 @@ class PipelineTeacher:
     `start` places the stages with a Ray placement group: `strategy="SPREAD"` puts them on different
     nodes where it can, `"PACK"` keeps them together. Requests are submitted as chained calls, so the
     replica pipelines however many micro-batches the students keep in flight.
+
+    With `tensor_parallel` N > 1 each stage is a group of N actors in the stage's placement-group bundle
+    (so on one node), each holding 1/N of the stage's layers (`distill/teacher/tensor_parallel.py`): rank 0
+    is `<name>/stage-<s>` and takes the requests, the others are `<name>/stage-<s>/tp-<r>`. Such a replica
+    is not restarted when one of its actors dies (a restarted rank could not rejoin its group's
+    collectives): it fails its requests as a dead replica and the stream drops it.
     """
 
-    def __init__(self, stages: list, placement=None):
+    def __init__(self, stages: list, placement=None, groups: list[list] | None = None, loaded: list = ()):
+        """`stages`: the actor each stage's requests go to; `groups`: every actor of each stage (rank 0
+        first; default: the stage actor alone); `loaded`: ObjectRefs of the groups' loading (`join`)."""
         self.stages, self.placement = stages, placement
+        self.groups = groups if groups is not None else [[s] for s in stages]
+        self.tensor_parallel = len(self.groups[0])
+        self.loaded = list(loaded)
+
+    @staticmethod
+    def actor_names(name: str, num_stages: int, tensor_parallel: int = 1) -> list[str]:
+        """The Ray names of every actor of the replica `name`: per stage, rank 0 then the other ranks."""
+        return [
+            f"{name}/stage-{s}" + (f"/tp-{r}" if r else "")
+            for s in range(num_stages)
+            for r in range(tensor_parallel)
+        ]
 
     @classmethod
     def start(
@@ -288,40 +507,70 @@ class PipelineTeacher:
         name: str = "teacher",
         max_restarts: int = 0,
         document_isolation: bool = False,
+        tensor_parallel: int = 1,
     ) -> PipelineTeacher:
+        """Start the replica's actors (a stage's tensor-parallel ranks share its bundle: its CPUs and GPUs
+        split evenly). Returns at once; `info()` waits until every stage has loaded."""
+        from distill.teacher.tensor_parallel import check_tensor_parallel
+
         config = json.loads((Path(model_dir) / "config.json").read_text())
+        # a tensor_parallel the model or the GPUs do not allow is refused before any actor starts
+        check_tensor_parallel(config, tensor_parallel, num_stages, gpus_per_stage * num_stages)
         bounds = split_layers(config["num_hidden_layers"], num_stages)
         bundle = {"CPU": cpus_per_stage, **({"GPU": gpus_per_stage} if gpus_per_stage else {})}
         placement = placement_group([bundle] * num_stages, strategy=strategy)
         ray.get(placement.ready())
         remote_stage = ray.remote(TeacherStage)
-        stages = [
-            remote_stage.options(
-                name=f"{name}/stage-{i}",
-                num_cpus=cpus_per_stage,
-                **ray_gpu_options(gpus_per_stage),  # its share of the replica's GPUs, or none visible
-                max_restarts=max_restarts,
-                max_task_retries=-1 if max_restarts else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement, placement_group_bundle_index=i
-                ),
-            ).remote(model_dir, start, end, dtype, threads, document_isolation)
-            for i, (start, end) in enumerate(bounds)
-        ]
-        return cls(stages, placement)
+        tp = tensor_parallel
+        restarts = max_restarts if tp == 1 else 0  # a lone restarted rank could not rejoin its group
+        groups, loaded = [], []
+        for i, (start, end) in enumerate(bounds):
+            group = [
+                remote_stage.options(
+                    name=f"{name}/stage-{i}" + (f"/tp-{r}" if r else ""),
+                    num_cpus=cpus_per_stage / tp,
+                    **ray_gpu_options(gpus_per_stage / tp),  # its share of the stage's GPUs, or none visible
+                    max_restarts=restarts,
+                    max_task_retries=-1 if restarts else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement, placement_group_bundle_index=i
+                    ),
+                ).remote(model_dir, start, end, dtype, threads, document_isolation, r, tp)
+                for r in range(tp)
+            ]
+            if tp > 1:  # the ranks meet at rank 0's address (an ObjectRef: nothing here waits for it)
+                address = group[0].rendezvous.remote()
+                loaded += [a.join.remote(address, group[1:] if r == 0 else None) for r, a in enumerate(group)]
+            groups.append(group)
+        return cls([g[0] for g in groups], placement, groups, loaded)
 
     @classmethod
-    def attach(cls, name: str, num_stages: int) -> PipelineTeacher:
-        return cls([ray.get_actor(f"{name}/stage-{i}") for i in range(num_stages)])
+    def attach(cls, name: str, num_stages: int, tensor_parallel: int | None = None) -> PipelineTeacher:
+        """The running replica `name`; `tensor_parallel` None: found from the actor names Ray knows."""
+        if tensor_parallel is None:
+            tensor_parallel = 1
+            while named_actor(f"{name}/stage-0/tp-{tensor_parallel}") is not None:
+                tensor_parallel += 1
+        names = cls.actor_names(name, num_stages, tensor_parallel)
+        handles = [ray.get_actor(n) for n in names]
+        groups = [handles[s * tensor_parallel : (s + 1) * tensor_parallel] for s in range(num_stages)]
+        return cls([g[0] for g in groups], groups=groups)
 
     def info(self):
         """ObjectRef of a summary of the replica (waits for every stage to have loaded)."""
-        return _summarise.remote(*[s.info.remote() for s in self.stages])
+        return _summarise.remote(*[s.info.remote() for s in self.stages], *self.loaded)
+
+    def _call(self, stage: int, method: str, payload, *args):
+        """`method(payload, *args)` on stage `stage`: its actor, or its tensor-parallel group through rank 0
+        (the payload also boxed in a list, so rank 0 can hand a previous stage's ObjectRef on: `lead`)."""
+        if self.tensor_parallel > 1:
+            return self.stages[stage].lead.remote(method, payload, [payload], *args)
+        return getattr(self.stages[stage], method).remote(payload, *args)
 
     def _through_stages(self, payload: dict):
         ref = payload
-        for stage in self.stages[:-1]:
-            ref = stage.run.remote(ref)
+        for stage in range(len(self.stages) - 1):
+            ref = self._call(stage, "run", ref)
         return ref
 
     def submit_topk(
@@ -331,23 +580,53 @@ class PipelineTeacher:
         k: int,
         values_dtype: str = "float16",
         hidden_layers: list[int] | None = None,
+        codec: str = "none",
+        sparsifier=None,
     ):
-        """ObjectRef of the `TeacherOutput` for one micro-batch."""
+        """ObjectRef of the `TeacherOutput` for one micro-batch (encoded by `codec`; entries chosen by
+        `sparsifier`, distill/teacher/sparsify.py, None: top-k)."""
         payload = {"input_ids": input_ids, "hidden_layers": list(hidden_layers) if hidden_layers else None}
-        return self.stages[-1].topk.remote(self._through_stages(payload), request_id, k, values_dtype)
+        if sparsifier is not None:  # the last stage never sees the ids: it gets their seed
+            payload["sample_seed"] = request_seed(input_ids, sparsifier.seed)
+        last = len(self.stages) - 1
+        stages = self._through_stages(payload)
+        return self._call(last, "topk", stages, request_id, k, values_dtype, codec, sparsifier)
 
     def submit_full_log_probs(self, input_ids: np.ndarray):
-        return self.stages[-1].full_log_probs.remote(self._through_stages({"input_ids": input_ids}))
+        last = len(self.stages) - 1
+        return self._call(last, "full_log_probs", self._through_stages({"input_ids": input_ids}))
+
+    def submit_generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0):
+        """ObjectRef of sampled completions (`TeacherActor.generate`); a one-stage replica only (with any
+        tensor_parallel): a chain of stages has no KV cache across its stages."""
+        if len(self.stages) > 1:
+            raise ValueError(
+                f"a replica of {len(self.stages)} pipeline stages cannot generate; use teacher.stages=1 "
+                f"(teacher.tensor_parallel may be > 1)"
+            )
+        return self._call(0, "generate", prompts, seeds, sampling, topk)
 
     def shutdown(self) -> None:
-        for stage in self.stages:
-            ray.kill(stage)
+        for group in self.groups:
+            for actor in group:
+                ray.kill(actor)
         if self.placement is not None:
             ray.util.remove_placement_group(self.placement)
 
 
+def named_actor(name: str):
+    """The actor named `name` in this namespace, or None."""
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        return None
+
+
 @ray.remote(num_cpus=0)
-def _summarise(*stage_infos: dict) -> dict:
+def _summarise(*stage_infos: dict | None) -> dict:
+    """A replica's summary of its stages' infos. The tensor-parallel groups' `join` results come as
+    arguments too (None each), so this waits for them and raises where a group failed to load."""
+    stage_infos = tuple(i for i in stage_infos if i is not None)
     parameters = sum(i["parameters"] for i in stage_infos)
     first = stage_infos[0]
     return {
@@ -355,4 +634,5 @@ def _summarise(*stage_infos: dict) -> dict:
         "parameters": parameters,
         "device": first["device"],
         "document_eos": first["document_eos"],
+        "tensor_parallel": first.get("tensor_parallel", 1),
     }

@@ -10,7 +10,7 @@ import ray
 
 from distill.placement import ray_gpu_options
 from distill.teacher.actor import TeacherActor
-from distill.teacher.pipeline import PipelineTeacher
+from distill.teacher.pipeline import PipelineTeacher, named_actor
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,19 @@ class ActorReplica:
     def __init__(self, handle):
         self.handle = handle
 
-    def submit_topk(self, request_id, input_ids, k, values_dtype="float16", hidden_layers=None):
-        return self.handle.topk.remote(request_id, input_ids, k, values_dtype, hidden_layers)
+    def submit_topk(
+        self,
+        request_id,
+        input_ids,
+        k,
+        values_dtype="float16",
+        hidden_layers=None,
+        codec="none",
+        sparsifier=None,
+    ):
+        return self.handle.topk.remote(
+            request_id, input_ids, k, values_dtype, hidden_layers, codec, sparsifier
+        )
 
     def submit_full_log_probs(self, input_ids):
         return self.handle.full_log_probs.remote(input_ids)
@@ -93,9 +104,11 @@ class TeacherPool:
     """The replicas of one teacher, addressed by name (`<run tag>/teacher-<i>[/stage-<s>]` in the
     `distill` namespace) so student ranks in other processes or on other nodes can attach to them.
 
-    A replica is either one actor holding the whole model (`stages=1`) or a `PipelineTeacher` of
-    `stages` actors each holding a block of layers. Ray restarts a replica actor that dies (up to
-    `max_restarts` times) and re-runs the requests it had in flight.
+    A replica is either one actor holding the whole model (`stages=1`, `tensor_parallel=1`) or a
+    `PipelineTeacher` of `stages` stages each holding a block of layers, each stage one actor or, with
+    `tensor_parallel` N > 1, N actors holding 1/N of its layers each. Ray restarts a replica actor that dies
+    (up to `max_restarts` times) and re-runs the requests it had in flight; a tensor-parallel replica that
+    loses an actor is not restarted: it fails as a dead replica and the stream drops it.
     """
 
     def __init__(self, actors: list):
@@ -116,8 +129,9 @@ class TeacherPool:
         placement_strategy: str = "PACK",
         max_restarts: int = 3,
         document_isolation: bool = False,
+        tensor_parallel: int = 1,
     ) -> TeacherPool:
-        if stages > 1:
+        if stages > 1 or tensor_parallel > 1:
             pool = cls(
                 [
                     PipelineTeacher.start(
@@ -131,6 +145,7 @@ class TeacherPool:
                         actor_name(run_tag, i),
                         max_restarts,
                         document_isolation,
+                        tensor_parallel,
                     )
                     for i in range(replicas)
                 ]
@@ -153,14 +168,31 @@ class TeacherPool:
                 ]
             )
         pool.info()  # wait until every replica has loaded its model (errors surface here)
-        log.info("teacher pool ready: %d replica(s) x %d stage(s) of %s", replicas, stages, model_dir)
+        log.info(
+            "teacher pool ready: %d replica(s) x %d stage(s) x %d tensor-parallel rank(s) of %s",
+            replicas,
+            stages,
+            tensor_parallel,
+            model_dir,
+        )
         return pool
 
     @classmethod
-    def attach(cls, run_tag: str, replicas: int, stages: int = 1) -> TeacherPool:
-        if stages > 1:
-            return cls([PipelineTeacher.attach(actor_name(run_tag, i), stages) for i in range(replicas)])
-        return cls([ActorReplica(ray.get_actor(actor_name(run_tag, i))) for i in range(replicas)])
+    def attach(
+        cls, run_tag: str, replicas: int, stages: int = 1, tensor_parallel: int | None = None
+    ) -> TeacherPool:
+        """The running pool `run_tag`. `tensor_parallel` None: found from the actor names Ray knows (a
+        one-stage replica that is not a single whole-model actor is a tensor-parallel stage group)."""
+
+        def replica(i: int):
+            name = actor_name(run_tag, i)
+            if stages == 1 and tensor_parallel in (None, 1):
+                whole = ray.get_actor(name) if tensor_parallel == 1 else named_actor(name)
+                if whole is not None:
+                    return ActorReplica(whole)
+            return PipelineTeacher.attach(name, stages, tensor_parallel)
+
+        return cls([replica(i) for i in range(replicas)])
 
     def info(self) -> list:
         return ray.get([replica.info() for replica in self.actors])
@@ -186,7 +218,10 @@ class TeacherPools:
                 pools[name] = start_one(tag, model_dir, tc)
                 for i in range(tc.replicas):
                     base = actor_name(tag, i)
-                    names += [f"{base}/stage-{s}" for s in range(tc.stages)] if tc.stages > 1 else [base]
+                    if tc.stages == 1 and tc.tensor_parallel == 1:
+                        names.append(base)
+                    else:
+                        names += PipelineTeacher.actor_names(base, tc.stages, tc.tensor_parallel)
         except BaseException:
             cls(pools, names).shutdown()
             raise
@@ -232,4 +267,5 @@ def start_pool(run_tag: str, teacher_dir: str, tc, document_isolation: bool = Fa
         placement_strategy=tc.placement_strategy,
         max_restarts=tc.max_restarts,
         document_isolation=document_isolation,
+        tensor_parallel=tc.tensor_parallel,
     )
