@@ -54,6 +54,7 @@ def test_hybrid_grids_stay_within_half_a_code_of_float64(codec):
     values, got_ids = decode(encode(exact, ids, codec))
     assert values.dtype == np.float32
     np.testing.assert_array_equal(got_ids, ids)
+
     def bound(a, b):  # plus float32 rounding of the table
         return 0.5 / (np.exp(np.minimum(a, b)) / dp + 1 / dl) + 1e-6
 
