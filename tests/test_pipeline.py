@@ -77,18 +77,21 @@ def test_pipeline_topk_equals_the_unsharded_model(
 
 def test_activations_cross_stages_in_the_models_dtype(ray_runtime, tiny_teacher_dir):
     """A bfloat16 replica sends its activations between stages as bfloat16 (2 bytes per value, half of
-    what the fp32 copies cost) and answers what the unsharded bfloat16 model answers."""
+    what the fp32 copies cost) and answers what the unsharded bfloat16 model answers; its evaluation
+    replies are float16 (half of float32), within float16's rounding of the model's fp32 log-probs."""
     ids = np.random.default_rng(1).integers(0, 256, size=(2, 24), dtype=np.uint16)
     model = load_causal_lm(tiny_teacher_dir, dtype="bfloat16").eval()
     with torch.no_grad():
-        ref_values, ref_indices = torch.log_softmax(
-            model(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.float(), -1
-        ).topk(16, dim=-1)
+        ref = torch.log_softmax(model(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.float(), -1)
+    ref_values, ref_indices = ref.topk(16, dim=-1)
     teacher = PipelineTeacher.start(str(tiny_teacher_dir), 2, dtype="bfloat16", cpus_per_stage=0.5)
     try:
         out = ray.get(teacher.submit_topk(0, ids, 16, "float32"))
+        full = ray.get(teacher.submit_full_log_probs(ids))
     finally:
         teacher.shutdown()
+    assert full.dtype == np.float16 and full.nbytes == ids.size * model.config.vocab_size * 2
+    torch.testing.assert_close(torch.from_numpy(full).float(), ref, rtol=2**-10, atol=1e-5)
     assert out.hop_bytes == ids.size * model.config.hidden_size * 2
     values, indices = out.tensors()
     assert torch.equal(indices, ref_indices)

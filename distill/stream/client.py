@@ -237,8 +237,9 @@ class TeacherStream:
             yield batch, out
 
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-vocabulary teacher log-probs (evaluation only). Requests go round-robin over the live replicas
-        (from this rank's own first one), so the ranks' evaluations spread over the pool."""
+        """Full-vocabulary teacher log-probs as float32 (evaluation only; a 16-bit teacher sends float16,
+        half the bytes, counted in `eval_bytes`). Requests go round-robin over the live replicas (from this
+        rank's own first one), so the ranks' evaluations spread over the pool."""
         import ray
 
         request = next(self._eval_ids)
@@ -249,7 +250,7 @@ class TeacherStream:
                     replica.submit_full_log_probs(input_ids), "an evaluation request", replica
                 )
                 self.eval_bytes += answer.nbytes
-                return answer
+                return np.asarray(answer, dtype=np.float32)
             except ray.exceptions.RayActorError:
                 self.replicas.remove(replica)
                 log.warning("teacher replica died for good; %d replica(s) left", len(self.replicas))

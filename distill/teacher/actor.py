@@ -81,6 +81,14 @@ def _to_numpy(x: torch.Tensor, values_dtype: str) -> np.ndarray:
     return x.cpu().numpy().astype(_NUMPY_VALUES[values_dtype])
 
 
+def log_probs_reply(log_probs: torch.Tensor, model_dtype: torch.dtype) -> np.ndarray:
+    """Full-vocabulary log-probs [B, T, V] as evaluation receives them: float16 when the model computes in
+    16 bits (half the bytes of float32; finer than bfloat16 on log-probs, which lie in [-65504, 0]), else
+    float32. The stream turns them into float32 on arrival (`TeacherStream.full_log_probs`)."""
+    half = model_dtype in (torch.float16, torch.bfloat16)
+    return log_probs.to(torch.float16 if half else torch.float32).cpu().numpy()
+
+
 def _from_numpy(x: np.ndarray, values_dtype: str) -> torch.Tensor:
     tensor = torch.from_numpy(x.copy())  # Ray hands out read-only views; copy
     return tensor.view(torch.bfloat16) if values_dtype == "bfloat16" else tensor
@@ -334,9 +342,11 @@ class TeacherActor:
 
     @torch.no_grad()
     def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-vocabulary fp32 log-probs [B, T, V], so evaluation measures the exact KL."""
+        """Full-vocabulary log-probs [B, T, V] (float32; float16 for a 16-bit model: `log_probs_reply`), so
+        evaluation measures the exact KL."""
         ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
-        return torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1).cpu().numpy()
+        log_probs = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)
+        return log_probs_reply(log_probs, next(self.model.parameters()).dtype)
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from distill.documents import document_position_ids, flash_varlen_kwargs
 from distill.placement import ray_gpu_options
-from distill.teacher.actor import TeacherOutput, pack_output, sparse_log_probs
+from distill.teacher.actor import TeacherOutput, log_probs_reply, pack_output, sparse_log_probs
 from distill.teacher.sparsify import Sparsifier, request_seed
 
 
@@ -380,8 +380,9 @@ class TeacherStage:
 
     @torch.no_grad()
     def full_log_probs(self, payload: dict) -> np.ndarray:
+        """Last stage only: full-vocabulary log-probs, as `TeacherActor.full_log_probs` sends them."""
         logits = self.head(self.run(payload)["final_hidden"]).float()
-        return torch.log_softmax(logits, dim=-1).cpu().numpy()
+        return log_probs_reply(torch.log_softmax(logits, dim=-1), self.dtype)
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0
