@@ -5,14 +5,17 @@ live stream and the offline cache (`stream.codec`, `cache.codec`).
   256 bytes/token at k=64 in float16.
 - `zstd`: lossless. The same float16 / bfloat16 / float32 values and ids, bit for bit, order kept: each
   row's value bits delta-coded (a descending row of negative floats has ascending bit patterns, so the
-  deltas are small), both arrays split into byte planes, each compressed with zstd.
+  deltas are small), each id replaced by its rank in the reply's own table of ids (most frequent first:
+  common tokens recur across positions, so ranks are small), all split into byte planes and compressed
+  with zstd.
 - `hybrid`, `hybrid_coarse`: lossy. Each log-prob becomes the integer code round(p / dp + log p / dl):
   a grid fine in probability where p is large and fine in log-probability where p is small, the two
   places the KD loss is sensitive to. The map is monotone, so a sorted row's codes are non-increasing:
   stored as the row's first code (delta to the previous row's) and non-negative deltas, in byte planes,
-  with zstd. `hybrid` uses dp = 5e-5, dl = 0.05; `hybrid_coarse` dp = 1e-3, dl = 0.1. Decoding is one
+  with zstd; ids as for `zstd`. `hybrid` uses dp = 5e-5, dl = 0.05; `hybrid_coarse` dp = 1e-3, dl = 0.1. Decoding is one
   table lookup (the grid inverted once with Newton's method in float64). Log-probs below -100 nats are
-  stored as -100 (p < 4e-44, zero in float32 either way).
+  stored as -100 (p < 4e-44, zero in float32 either way), so the sampled sparsifiers' empty slots (-inf)
+  come back as -100.
 
 The scheme follows `../shared/notes/topk-fidelity.md`; measured on the real teacher by
 `benchmarks/stream_codecs.py` (bytes/token, the KD loss's change against fp32, encode/decode speed).
