@@ -12,10 +12,10 @@ live stream and the offline cache (`stream.codec`, `cache.codec`).
   a grid fine in probability where p is large and fine in log-probability where p is small, the two
   places the KD loss is sensitive to. The map is monotone, so a sorted row's codes are non-increasing:
   stored as the row's first code (delta to the previous row's) and non-negative deltas, in byte planes,
-  with zstd; ids as for `zstd`. `hybrid` uses dp = 5e-5, dl = 0.05; `hybrid_coarse` dp = 1e-3, dl = 0.1. Decoding is one
-  table lookup (the grid inverted once with Newton's method in float64). Log-probs below -100 nats are
-  stored as -100 (p < 4e-44, zero in float32 either way), so the sampled sparsifiers' empty slots (-inf)
-  come back as -100.
+  with zstd; ids as for `zstd`. `hybrid` uses dp = 5e-5, dl = 0.05; `hybrid_coarse` dp = 1e-3,
+  dl = 0.1. Decoding is one table lookup (the grid inverted once with Newton's method in float64).
+  Log-probs below -100 nats are stored as -100 (p < 4e-44, zero in float32 either way), so the sampled
+  sparsifiers' empty slots (-inf) come back as -100.
 
 The scheme follows `../shared/notes/topk-fidelity.md`; measured on the real teacher by
 `benchmarks/stream_codecs.py` (bytes/token, the KD loss's change against fp32, encode/decode speed).
