@@ -99,24 +99,50 @@ def assert_trained(run_dir: Path, steps: int) -> None:
     assert summary["after"]["kl"] < summary["before"]["kl"]
 
 
-@pytest.mark.parametrize("script", ["distill.sbatch", "distill-het.sbatch"])
-def test_two_node_run_trains_and_exports(script, slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    job = submit(slurm_env, script, run_dir, tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir))
+SCRIPTS = ["distill.sbatch", "distill-het.sbatch"]
+
+
+@pytest.fixture(scope="module")
+def pair_jobs(slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path_factory):
+    """The jobs of the two script-parametrised tests below, all four submitted at once: each takes one CPU
+    on each of 2 nodes, so the cluster (4 nodes x 2 CPUs) runs them side by side and their starts overlap
+    instead of queueing one after another. {(test, script): (run dir, job id)}. Jobs still queued or
+    running when the module ends (a test failed or was deselected) are cancelled."""
+    overrides = {
+        "run": lambda run_dir: tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir),
+        "plain": lambda run_dir: tiny_overrides(
+            Path("/no/teacher/needed"), tiny_student_dir, run_dir, "teacher.source=none"
+        ),
+    }
+    jobs = {}
+    for name, make in overrides.items():
+        for script in SCRIPTS:
+            run_dir = tmp_path_factory.mktemp(f"{name}-{script}") / name
+            jobs[name, script] = run_dir, submit(slurm_env, script, run_dir, make(run_dir))
+    yield jobs
+    for _, job in jobs.values():
+        if job_info(slurm_env, job).get("JobState", "COMPLETED") not in FINAL:
+            subprocess.run(["scancel", job], env=slurm_env)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_node_run_trains_and_exports(script, slurm_env, pair_jobs):
+    """Submitted with the other script's and the next test's jobs (`pair_jobs`); each test checks its own."""
+    run_dir, job = pair_jobs["run", script]
     info = wait_job(slurm_env, job, timeout=240)
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
-    assert "teachers node1, students node2 x 1 ranks" in log  # one node per role
+    roles = re.search(r"teachers (node\d+), students (node\d+) x 1 ranks", log)  # any 2 of the 4 nodes
+    assert roles and roles[1] != roles[2], log[-4000:]  # one node per role
     assert_trained(run_dir, 8)
     assert not list(Path("/tmp").glob(f"ray-distill-{job}")), "the job left its Ray directory behind"
 
 
-@pytest.mark.parametrize("script", ["distill.sbatch", "distill-het.sbatch"])
-def test_a_run_without_a_live_teacher_starts_no_ray(script, slurm_env, tiny_student_dir, tmp_path):
-    """teacher.source=none (cached alike): the scripts start neither Ray nor the teacher pool."""
-    run_dir = tmp_path / "plain"
-    overrides = tiny_overrides(Path("/no/teacher/needed"), tiny_student_dir, run_dir, "teacher.source=none")
-    job = submit(slurm_env, script, run_dir, overrides)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_without_a_live_teacher_starts_no_ray(script, slurm_env, pair_jobs):
+    """teacher.source=none (cached alike): the scripts start neither Ray nor the teacher pool (the jobs
+    were submitted with the previous test's, `pair_jobs`)."""
+    run_dir, job = pair_jobs["plain", script]
     info = wait_job(slurm_env, job, timeout=240)
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
@@ -154,8 +180,12 @@ def test_several_routed_teachers_on_slurm(slurm_env, tiny_teacher_dir, tiny_stud
 
 
 def test_requeue_resumes_to_the_uninterrupted_weights(
-    slurm_env, tiny_teacher_dir, tiny_student_dir, tmp_path
+    slurm_env, attached_teacher, tiny_teacher_dir, tiny_student_dir, tmp_path
 ):
+    """The job, warned mid-run, checkpoints, requeues itself and resumes: the weights of the same settings
+    trained without a break (the reference runs locally on the session's teacher pool, `attached_teacher`:
+    the same model, dtype and top-k as the job's own teacher, without a second Ray runtime and teacher
+    starting next to the job's)."""
     steps = 100  # the warning is sent after step 20; the ranks stop within a few steps of it
     common = [
         "trainer.num_ranks=1",
@@ -172,7 +202,9 @@ def test_requeue_resumes_to_the_uninterrupted_weights(
         tiny_overrides(tiny_teacher_dir, tiny_student_dir, run_dir, *common),
     )
     # the uninterrupted reference, locally, while the job starts
-    reference = run_train(tiny_overrides(tiny_teacher_dir, tiny_student_dir, straight, *common))
+    reference = run_train(
+        tiny_overrides(tiny_teacher_dir, tiny_student_dir, straight, *common, *attached_teacher)
+    )
     assert reference.returncode == 0
 
     # mid-run, deliver the warning exactly as `--signal=B:USR1@...` does: to the batch shell only
