@@ -12,6 +12,8 @@ evaluation reduce through these helpers only (tests/test_dist.py checks that no 
   world itself; under NCCL it is a gloo side group made once per process (`init_host_group`, collective).
 - `to_device(tensor, device)`: CUDA copies go through pinned memory and do not block the host; on CPU the
   tensor is returned as it is.
+- `gather_messages(message)`: every rank's short text (or None) over the default group, for agreeing on
+  a failure once (a teacher's tensor-parallel group after loading its shards).
 
 Not yet run on a GPU: the CUDA branches are written to PyTorch's documented semantics and run here only
 with CPU tensors (gloo) and the meta device.
@@ -55,6 +57,14 @@ def host_sum(values: Sequence[float]) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(summed, group=host_group())
     return summed.tolist()
+
+
+def gather_messages(message: str | None) -> list[str | None]:
+    """Every rank's `message`, in rank order, over the default group (torch's object all-gather: under
+    NCCL it travels on the current CUDA device, which the caller has set)."""
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return messages
 
 
 def pack(values: Sequence[float | torch.Tensor], device: torch.device | str) -> torch.Tensor:

@@ -143,10 +143,9 @@ def agree_loaded(error: BaseException | None) -> None:
     """The group's closing step of loading: every rank says whether it loaded its shard (one collective that
     every rank reaches, failed or not, so none waits for a rank that gave up), and every rank raises if any
     failed, with the failed ranks' own messages."""
-    import torch.distributed as dist
+    from distill.dist import gather_messages
 
-    messages: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    messages = gather_messages(None if error is None else f"{type(error).__name__}: {error}")
     failed = {r: m for r, m in enumerate(messages) if m is not None}
     if failed:
         detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
