@@ -15,9 +15,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from distill.codecs import CODECS
-from distill.teacher.sparsify import SPARSIFIERS
-
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
@@ -362,9 +359,19 @@ def _at_least(key: str, value: float, low: float) -> None:
         raise ConfigError(f"{key}={value} must be >= {low}.")
 
 
+def _codecs() -> tuple[str, ...]:
+    """stream.codec's choices, imported when validating: torch and zstd stay out of processes that only read
+    configs (the tokeniser's workers run under memory caps)."""
+    from distill.codecs import CODECS
+
+    return CODECS
+
+
 def check_sparsifier(cfg: DictConfig) -> None:
     """A sampled teacher (stream.sparsifier sample / topk_sample) estimates forward KL at temperature 1
     from the live teacher; refuse what it cannot serve, naming the fix."""
+    from distill.teacher.sparsify import SPARSIFIERS  # here: torch stays out of config-only processes
+
     s = cfg.stream
     _choice("stream.sparsifier", s.sparsifier, SPARSIFIERS)
     if s.sparsifier == "topk":
@@ -438,7 +445,7 @@ def validate(cfg: DictConfig) -> None:
     if s.prefetch < 1:
         raise ConfigError(f"stream.prefetch={s.prefetch} must be >= 1 (1 = request one micro-batch ahead).")
     _choice("stream.values_dtype", s.values_dtype, ("float16", "bfloat16", "float32"))
-    _choice("stream.codec", s.codec, CODECS)
+    _choice("stream.codec", s.codec, _codecs())
     check_sparsifier(cfg)
     _at_least("stream.timeout_s", s.timeout_s, 1)
     if s.max_wait_s < s.timeout_s:
@@ -495,7 +502,7 @@ def validate_cache(cfg: DictConfig) -> None:
     if cfg.teacher.model is MISSING:
         raise ConfigError("teacher.model must be set (pick teacher=smollm2 or teacher=local ...).")
     _choice("cache.values_dtype", c.values_dtype, ("float16", "bfloat16", "float32", "int8"))
-    _choice("cache.codec", c.codec, CODECS)
+    _choice("cache.codec", c.codec, _codecs())
     if c.codec != "none" and c.values_dtype == "int8":
         raise ConfigError(
             f"cache.codec={c.codec} encodes the log-probs itself; it does not combine with "
