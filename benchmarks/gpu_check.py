@@ -435,8 +435,8 @@ class InProcessTeacher:
     def _topk(self, request_id: int, ids):
         return self.actor.topk(request_id, ids, self.topk, "float32", self.hidden_layers)
 
-    def full_log_probs(self, ids):
-        return self.actor.full_log_probs(ids)  # held-out rows, for evaluation: not timed
+    def full_log_probs(self, ids, start: int = 0):
+        return self.actor.full_log_probs(ids, start)  # held-out rows, for evaluation: not timed
 
 
 def hydra_config(name: str, overrides: list[str]):

@@ -153,7 +153,8 @@ def write(cfg: DictConfig, open_stream: Callable | None = None) -> dict:
     """Check, prepare the data (into a temporary folder that lives while the cache is written), write.
 
     `open_stream(cfg, teacher_dir, hidden_layers)`: a context manager giving the teacher stream (an object
-    with `stream(batches, input_ids_of)` and `full_log_probs(ids)`, float32 values); default: the Ray pool."""
+    with `stream(batches, input_ids_of)` and `full_log_probs(ids, start)`, float32 values); default: the Ray
+    pool."""
     with tempfile.TemporaryDirectory(prefix="distill-cache-data-") as data_dir:
         return _write(cfg, Path(data_dir), open_stream or ray_teacher_stream)
 

@@ -92,6 +92,23 @@ def ray_runtime():
     ray.shutdown()
 
 
+def run_script(script: str, *args: str) -> str:
+    """Run `script` (`python -c`) with `args` in a fresh single-threaded process: its stdout, else the end of
+    its stderr. The memory-cap tests set their own RLIMIT_AS inside the script, after their imports."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    return proc.stdout.strip() or proc.stderr[-2000:]
+
+
 def start_tiny_pool(model_dir: Path, run_tag: str, replicas: int = 2, max_restarts: int = 3) -> TeacherPool:
     """`replicas` of a tiny teacher as real Ray actors, on the session's Ray runtime (`ray_runtime`)."""
     return TeacherPool.start(

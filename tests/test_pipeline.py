@@ -51,6 +51,7 @@ def test_pipeline_topk_equals_the_unsharded_model(
         assert total == sum(p.numel() for p in model.parameters()) + head_copy  # each tensor on one stage
         out = ray.get(teacher.submit_topk(7, ids, 16, "float32", hidden_layers=[0, 2]))
         full = ray.get(teacher.submit_full_log_probs(ids))
+        window = ray.get(teacher.submit_full_log_probs(ids[:, :17], 9))  # evaluation's positions 9..16
         spec = Sparsifier("topk_sample", 6, seed=1)  # the last stage draws, seeded by the request's ids
         sampled = [ray.get(teacher.submit_topk(8 + i, ids, 4, "float32", sparsifier=spec)) for i in range(2)]
     finally:
@@ -70,6 +71,8 @@ def test_pipeline_topk_equals_the_unsharded_model(
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
+    ref_window = torch.log_softmax(ref.logits[:, 9:17], -1)
+    torch.testing.assert_close(torch.tensor(window), ref_window, rtol=0, atol=1e-5)
     hidden = out.hidden_tensors()
     for layer in (0, 2):
         torch.testing.assert_close(hidden[layer], ref.hidden_states[layer + 1], rtol=0, atol=1e-5)
@@ -170,23 +173,10 @@ def test_the_top_k_reply_fits_a_memory_cap_that_the_whole_batch_does_not(tmp_pat
     space is capped at 128 MiB above what it has mapped: 32 positions per chunk (2 MiB of logits) answer;
     the whole batch at once (what the reply did before: 256 MiB of fp32 logits, then as much again for the
     log-probs) cannot allocate."""
-    import subprocess
-    import sys
+    from conftest import run_script
 
-    from test_online import ROOT
-
-    def run(chunk_bytes: int) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-c", CAPPED_SCRIPT, str(chunk_bytes)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-        )
-        return proc.stdout.strip() or proc.stderr[-2000:]
-
-    assert run(32 * 4 * 16384) == "answered (4, 1024, 8)"
-    assert run(2**40).startswith("refused")
+    assert run_script(CAPPED_SCRIPT, str(32 * 4 * 16384)) == "answered (4, 1024, 8)"
+    assert run_script(CAPPED_SCRIPT, str(2**40)).startswith("refused")
 
 
 # ---- tensor parallelism inside a stage (teacher.tensor_parallel; distill/teacher/tensor_parallel.py) ----
@@ -224,6 +214,7 @@ def test_tensor_parallel_topk_equals_the_unsharded_model(stages, ray_runtime, ti
         (attached,) = TeacherPool.attach(f"tp2-pp{stages}", 1, stages).actors
         assert isinstance(attached, PipelineTeacher) and attached.tensor_parallel == 2
         full = ray.get(attached.submit_full_log_probs(ids))
+        window = ray.get(attached.submit_full_log_probs(ids[:, :17], 9))  # evaluation's positions 9..16
         if stages > 1:
             with pytest.raises(ValueError, match="a replica of 2 pipeline stages cannot generate"):
                 teacher.submit_generate([[1, 2]], [0], {})
@@ -243,6 +234,8 @@ def test_tensor_parallel_topk_equals_the_unsharded_model(stages, ray_runtime, ti
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
+    ref_window = torch.log_softmax(ref.logits[:, 9:17], -1)
+    torch.testing.assert_close(torch.tensor(window), ref_window, rtol=0, atol=1e-5)
     hidden = out.hidden_tensors()
     for layer in (0, 2):
         torch.testing.assert_close(hidden[layer], ref.hidden_states[layer + 1], rtol=0, atol=1e-5)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from distill.cache.codec import encode_rows, encode_values
 from distill.cache.manifest import MANIFEST, SHARD_LOG, CacheError, check_same_cache, read_manifest
+from distill.eval import eval_chunks
 from distill.files import sha256_file, write_json_atomic
 from distill.teacher.actor import _to_numpy, index_dtype
 
@@ -163,15 +164,22 @@ def shard_tensors(
 
 
 def heldout_rows(stream, ids: np.ndarray, k: int, vocab: int) -> tuple[np.ndarray, ...]:
-    """Top-k and the log-prob of each next token for held-out rows, from full log-probs, a row at a time."""
+    """Top-k and the log-prob of each next token for held-out rows, from full log-probs, a row at a time
+    (a window of positions of a row whose [T, V] log-probs exceed evaluation's chunk: `eval_chunks`)."""
+    _, width = eval_chunks(1, ids.shape[1], vocab, torch.float32)
     values, indices, target = [], [], []
     for row in ids:
-        log_p = torch.from_numpy(np.array(stream.full_log_probs(row[None])))  # writable copy
-        v, i = torch.topk(log_p, k, dim=-1)
-        next_ids = torch.from_numpy(row[1:].astype(np.int64))[None, :, None]
-        values.append(v.numpy())
-        indices.append(i.numpy().astype(index_dtype(vocab)))
-        target.append(log_p[:, :-1].gather(-1, next_ids).squeeze(-1).numpy())
+        parts = []
+        for a in range(0, len(row), width):
+            b = min(a + width, len(row))
+            log_p = torch.from_numpy(np.array(stream.full_log_probs(row[None, :b], a)))  # writable copy
+            v, i = torch.topk(log_p, k, dim=-1)
+            n = min(b, len(row) - 1) - a  # the window's positions that have a next token
+            next_ids = torch.from_numpy(row[a + 1 : a + 1 + n].astype(np.int64))[None, :, None]
+            nxt = log_p[:, :n].gather(-1, next_ids).squeeze(-1)
+            parts.append((v.numpy(), i.numpy().astype(index_dtype(vocab)), nxt.numpy()))
+        for out, got in zip((values, indices, target), zip(*parts, strict=True), strict=True):
+            out.append(np.concatenate(got, axis=1))
     return np.concatenate(values), np.concatenate(indices), np.concatenate(target)
 
 

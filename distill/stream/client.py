@@ -236,10 +236,11 @@ class TeacherStream:
                 pending.append((nxt, self._submit(input_ids_of(nxt))))
             yield batch, out
 
-    def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-vocabulary teacher log-probs as float32 (evaluation only; a 16-bit teacher sends float16,
-        half the bytes, counted in `eval_bytes`). Requests go round-robin over the live replicas (from this
-        rank's own first one), so the ranks' evaluations spread over the pool."""
+    def full_log_probs(self, input_ids: np.ndarray, start: int = 0) -> np.ndarray:
+        """Full-vocabulary teacher log-probs [B, T - start, V] of positions `start`.. of `input_ids` [B, T],
+        as float32 (evaluation only; a 16-bit teacher sends float16, half the bytes, counted in
+        `eval_bytes`). Requests go round-robin over the live replicas (from this rank's own first one), so
+        the ranks' evaluations spread over the pool."""
         import ray
 
         request = next(self._eval_ids)
@@ -247,7 +248,7 @@ class TeacherStream:
             replica = self.replicas[(request + self.first_replica) % len(self.replicas)]
             try:
                 answer = self._wait(
-                    replica.submit_full_log_probs(input_ids), "an evaluation request", replica
+                    replica.submit_full_log_probs(input_ids, start), "an evaluation request", replica
                 )
                 self.eval_bytes += answer.nbytes
                 return np.asarray(answer, dtype=np.float32)

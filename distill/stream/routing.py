@@ -59,8 +59,8 @@ class EnsembleStream:
             outputs = [out for _, out in replies]
             yield replies[0][0], mix_outputs(outputs, i, self.topk, self.weights, self.weighting)
 
-    def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        members = [m.full_log_probs(input_ids) for m in self.members]
+    def full_log_probs(self, input_ids: np.ndarray, start: int = 0) -> np.ndarray:
+        members = [m.full_log_probs(input_ids, start) for m in self.members]
         return mix_full_log_probs(members, self.weights, self.weighting)
 
 

@@ -81,12 +81,24 @@ def _to_numpy(x: torch.Tensor, values_dtype: str) -> np.ndarray:
     return x.cpu().numpy().astype(_NUMPY_VALUES[values_dtype])
 
 
-def log_probs_reply(log_probs: torch.Tensor, model_dtype: torch.dtype) -> np.ndarray:
-    """Full-vocabulary log-probs [B, T, V] as evaluation receives them: float16 when the model computes in
-    16 bits (half the bytes of float32; finer than bfloat16 on log-probs, which lie in [-65504, 0]), else
-    float32. The stream turns them into float32 on arrival (`TeacherStream.full_log_probs`)."""
+@torch.no_grad()
+def full_log_probs_reply(final: torch.Tensor, head, model_dtype: torch.dtype) -> np.ndarray:
+    """Full-vocabulary log-probs [B, n, V] of final hidden states [B, n, H] (`head` maps them to logits;
+    an Identity when `final` already holds logits), as evaluation receives them: float16 when the model
+    computes in 16 bits (half the bytes of float32; finer than bfloat16 on log-probs, which lie in
+    [-65504, 0]), else float32. The reply is allocated once and filled `LOGITS_CHUNK_BYTES` of fp32 logits
+    at a time, so the peak is the reply plus one chunk. The stream turns them into float32 on arrival
+    (`TeacherStream.full_log_probs`)."""
     half = model_dtype in (torch.float16, torch.bfloat16)
-    return log_probs.to(torch.float16 if half else torch.float32).cpu().numpy()
+    flat = final.reshape(-1, final.shape[-1])
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else final.shape[-1]
+    reply = np.empty((len(flat), vocab), dtype=np.float16 if half else np.float32)
+    chunk = max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+    for start in range(0, len(flat), chunk):
+        log_probs = torch.log_softmax(head(flat[start : start + chunk]).float(), dim=-1)
+        reply[start : start + chunk] = log_probs.to(torch.float16 if half else torch.float32).cpu().numpy()
+        del log_probs
+    return reply.reshape(*final.shape[:-1], vocab)
 
 
 def _from_numpy(x: np.ndarray, values_dtype: str) -> torch.Tensor:
@@ -341,12 +353,18 @@ class TeacherActor:
         )
 
     @torch.no_grad()
-    def full_log_probs(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-vocabulary log-probs [B, T, V] (float32; float16 for a 16-bit model: `log_probs_reply`), so
-        evaluation measures the exact KL."""
+    def full_log_probs(self, input_ids: np.ndarray, start: int = 0) -> np.ndarray:
+        """Full-vocabulary log-probs [B, T - start, V] of positions `start`.. of a micro-batch [B, T]
+        (float32; float16 for a 16-bit model: `full_log_probs_reply`), so evaluation measures the exact KL.
+        Evaluation asks for a window of positions of a long row at a time (the row cut at the window's
+        end, `start` its first position), so no process holds a whole row's [T, V] log-probs."""
         ids = torch.from_numpy(input_ids.astype(np.int64)).to(self.device)
-        log_probs = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)
-        return log_probs_reply(log_probs, next(self.model.parameters()).dtype)
+        if self.plain_head:
+            final = self.model.get_decoder()(input_ids=ids).last_hidden_state[:, start:]
+            head = self.model.get_output_embeddings()
+        else:  # logits that are not plain lm_head(hidden) are computed whole
+            final, head = self.model(input_ids=ids).logits[:, start:], torch.nn.Identity()
+        return full_log_probs_reply(final, head, next(self.model.parameters()).dtype)
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from distill.documents import document_position_ids, flash_varlen_kwargs
 from distill.placement import ray_gpu_options
-from distill.teacher.actor import TeacherOutput, log_probs_reply, pack_output, sparse_log_probs
+from distill.teacher.actor import TeacherOutput, full_log_probs_reply, pack_output, sparse_log_probs
 from distill.teacher.sparsify import Sparsifier, request_seed
 
 
@@ -379,10 +379,10 @@ class TeacherStage:
         return out
 
     @torch.no_grad()
-    def full_log_probs(self, payload: dict) -> np.ndarray:
-        """Last stage only: full-vocabulary log-probs, as `TeacherActor.full_log_probs` sends them."""
-        logits = self.head(self.run(payload)["final_hidden"]).float()
-        return log_probs_reply(torch.log_softmax(logits, dim=-1), self.dtype)
+    def full_log_probs(self, payload: dict, start: int = 0) -> np.ndarray:
+        """Last stage only: full-vocabulary log-probs of positions `start`.., as
+        `TeacherActor.full_log_probs` sends them."""
+        return full_log_probs_reply(self.run(payload)["final_hidden"][:, start:], self.head, self.dtype)
 
     def generate(
         self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0
@@ -593,9 +593,9 @@ class PipelineTeacher:
         stages = self._through_stages(payload)
         return self._call(last, "topk", stages, request_id, k, values_dtype, codec, sparsifier)
 
-    def submit_full_log_probs(self, input_ids: np.ndarray):
+    def submit_full_log_probs(self, input_ids: np.ndarray, start: int = 0):
         last = len(self.stages) - 1
-        return self._call(last, "full_log_probs", self._through_stages({"input_ids": input_ids}))
+        return self._call(last, "full_log_probs", self._through_stages({"input_ids": input_ids}), start)
 
     def submit_generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict, topk: int = 0):
         """ObjectRef of sampled completions (`TeacherActor.generate`); a one-stage replica only (with any

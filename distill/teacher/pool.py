@@ -87,8 +87,8 @@ class ActorReplica:
             request_id, input_ids, k, values_dtype, hidden_layers, codec, sparsifier
         )
 
-    def submit_full_log_probs(self, input_ids):
-        return self.handle.full_log_probs.remote(input_ids)
+    def submit_full_log_probs(self, input_ids, start: int = 0):
+        return self.handle.full_log_probs.remote(input_ids, start)
 
     def submit_generate(self, prompts, seeds, sampling, topk=0):
         return self.handle.generate.remote(prompts, seeds, sampling, topk)
