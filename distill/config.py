@@ -277,6 +277,9 @@ class PlanConfig:
     teacher_mfu: float = 0.4  # model FLOPs utilisation of the teacher's forward
     student_mfu: float = 0.35  # ... and of the student's training step
     student_gpus: int = 8
+    gpus_per_node: int = 8  # a tensor-parallel group stays within one node
+    tp_bus_gbs: float = 360.0  # all-reduce bus bandwidth within a node, GB/s (nccl-tests busbw; H100 NVLink)
+    network_gbs: float = 50.0  # between nodes per GPU, GB/s (400 Gb/s InfiniBand): pipeline hops
     # measured rates, when known (they replace the MFU estimates): tokens/s per GPU
     teacher_tokens_per_s_per_gpu: float | None = None
     student_tokens_per_s_per_gpu: float | None = None

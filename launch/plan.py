@@ -31,8 +31,12 @@ def check(p: DictConfig) -> None:
     for key in ("usable_fraction", "teacher_mfu", "student_mfu"):
         if not 0 < p[key] <= 1:
             raise ConfigError(f"plan.{key}={p[key]} must be in (0, 1].")
-    if p.student_gpus < 1:
-        raise ConfigError(f"plan.student_gpus={p.student_gpus} must be >= 1.")
+    for key in ("student_gpus", "gpus_per_node"):
+        if p[key] < 1:
+            raise ConfigError(f"plan.{key}={p[key]} must be >= 1.")
+    for key in ("tp_bus_gbs", "network_gbs"):
+        if not p[key] > 0:
+            raise ConfigError(f"plan.{key}={p[key]} must be > 0.")
 
 
 def config_folder(node: DictConfig) -> Path:
@@ -65,6 +69,9 @@ def make_plan(cfg: DictConfig) -> dict:
         values_dtype=cfg.stream.values_dtype,
         codec=cfg.stream.codec,
         gpu_memory_gib=p.gpu_memory_gib,
+        gpus_per_node=p.gpus_per_node,
+        tp_bus_gbs=p.tp_bus_gbs,
+        network_gbs=p.network_gbs,
         usable_fraction=p.usable_fraction,
         peak_tflops=p.peak_tflops,
         teacher_mfu=p.teacher_mfu,

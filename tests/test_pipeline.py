@@ -9,6 +9,7 @@ import ray
 import torch
 
 from distill.models import load_causal_lm, tiny_llama
+from distill.plan import hop_bytes_per_token, model_shape
 from distill.teacher.pipeline import PipelineTeacher, split_layers
 from distill.teacher.pool import TeacherPool, actor_name
 from distill.teacher.sparsify import Sparsifier, request_seed, sparsify
@@ -67,7 +68,8 @@ def test_pipeline_topk_equals_the_unsharded_model(
     torch.testing.assert_close(values[same], draws[0][same], rtol=0, atol=1e-5)
     values, indices = out.tensors()
     assert out.request_id == 7
-    assert out.hop_bytes == (stages - 1) * ids.size * model.config.hidden_size * 4  # fp32: 4 bytes/value
+    # the capacity plan's hop bytes per token (distill/plan.py) are what the replica measured: fp32, 4 bytes
+    assert out.hop_bytes == (stages - 1) * ids.size * hop_bytes_per_token(model_shape(model_dir), 4)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
@@ -95,7 +97,7 @@ def test_activations_cross_stages_in_the_models_dtype(ray_runtime, tiny_teacher_
         teacher.shutdown()
     assert full.dtype == np.float16 and full.nbytes == ids.size * model.config.vocab_size * 2
     torch.testing.assert_close(torch.from_numpy(full).float(), ref, rtol=2**-10, atol=1e-5)
-    assert out.hop_bytes == ids.size * model.config.hidden_size * 2
+    assert out.hop_bytes == ids.size * hop_bytes_per_token(model_shape(tiny_teacher_dir), 2)
     values, indices = out.tensors()
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)

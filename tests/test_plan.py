@@ -102,10 +102,15 @@ def test_the_plan_command_on_a_405b_teacher_and_an_8b_student(tmp_path):
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     t = plan["teacher"]
     assert t["weights_gib"] == pytest.approx(405_853_388_800 * 2 / 2**30)
-    assert t["gpus_per_replica"] == 11  # 756 GiB of bf16 weights over 72 usable GiB per 80 GiB GPU
+    # 756 GiB of bf16 weights over 72 usable GiB per 80 GiB GPU: 11 GPUs of weights alone; whole layers
+    # per stage, the head on the last one, a layer's share split tensor-parallel: 3 stages x TP 4
+    assert (t["layout"]["stages"], t["layout"]["tensor_parallel"], t["gpus_per_replica"]) == (3, 4, 12)
+    assert "teacher.stages=3 teacher.tensor_parallel=4" in proc.stdout
     assert plan["stream_bytes_per_token"] == 64 * (2 + 4)  # fp16 values, int32 ids (vocab > 65,536)
     ratio = plan["teacher_gpus_per_student_gpu"]
-    assert ratio == pytest.approx(plan["teacher_to_student_flops"] * 0.35 / 0.4)  # the MFUs' ratio
+    # the MFUs' ratio, the teacher slowed by its all-reduces' share of a stage's time
+    slowdown = 1 / (1 - t["tp_share_of_stage_time"])
+    assert ratio == pytest.approx(plan["teacher_to_student_flops"] * 0.35 / 0.4 * slowdown)
     assert t["replicas"] * t["gpus_per_replica"] >= ratio * 64
     assert "teacher.replicas=" in proc.stdout and "GPU-hours" in proc.stdout
 
@@ -130,3 +135,31 @@ def test_the_stream_bandwidth_counts_the_codec(tmp_path):
         plain["stream_mb_per_s"] * packed["stream_bytes_per_token"] / 384
     )
     assert half["stream_bytes_per_token"] == round(CODEC_BYTES_PER_TOKEN_K64["zstd", "float16"] / 2, 1)
+
+
+def test_the_replica_layout_and_its_all_reduces_by_hand(tmp_path):
+    """The layout is the fewest GPUs whose fullest one fits (then the widest tensor parallelism that divides
+    the heads and fits a node); all-reduces and hops are counted as the module docstring says."""
+    from distill.plan import hop_bytes_per_token, teacher_layout, tensor_parallel_bytes_per_token
+
+    shape = model_shape(config_folder(tmp_path, "405b", LLAMA_405B))
+    gib = 2**30
+    layer = (shape.parameters - 2 * shape.embedding) / 126 * 2  # bf16 bytes of one decoder layer
+    head = shape.head * 2
+    layout = teacher_layout(shape, 2, working=gib, usable=72 * gib, gpus_per_node=8)
+    assert (layout["tensor_parallel"], layout["stages"], layout["gpus"]) == (4, 3, 12)
+    assert layout["gib_per_gpu"] * gib == pytest.approx(42 * layer / 4 + head + gib)  # 126 / 3 layers
+    # 8 GPUs per node: TP 8 x 2 stages is 16 GPUs, more than 12; 4 per node: TP 4 again
+    assert teacher_layout(shape, 2, gib, 72 * gib, gpus_per_node=4)["gpus"] == 12
+    # on 141 GiB GPUs (H200): 7 stages of 18 layers (TP 2 needs 4 x 2, since 3 stages of 42 layers over
+    # 2 GPUs do not fit; TP 4 and TP 8 need 8 GPUs too)
+    h200 = teacher_layout(shape, 2, gib, 0.9 * 141 * gib, gpus_per_node=8)
+    assert (h200["tensor_parallel"], h200["stages"]) == (1, 7)
+    # a layer too big for any split: the widest, one layer per stage, flagged
+    tiny_gpu = teacher_layout(shape, 2, gib, 1 * gib, gpus_per_node=8)
+    assert not tiny_gpu["fits"] and (tiny_gpu["tensor_parallel"], tiny_gpu["stages"]) == (8, 126)
+
+    # ring all-reduce: 2 (n-1)/n of each message; two messages of hidden x 2 bytes per layer per token
+    assert tensor_parallel_bytes_per_token(shape, layout, 2) == 2 * 42 * 2 * 3 / 4 * 16384 * 2
+    assert tensor_parallel_bytes_per_token(shape, {"tensor_parallel": 1, "stages": 12}, 2) == 0
+    assert hop_bytes_per_token(shape, 2) == 16384 * 2
