@@ -6,15 +6,25 @@ one JSON object: one row per (TP, PP), the first being the unsharded replica the
     python benchmarks/pipeline.py --stages 1 3 --batches 12   # TP 1 x PP 1/3
     python benchmarks/pipeline.py --tensor-parallel 1 --stages 1 2
 
+    python benchmarks/pipeline.py --deep                      # a 405B-shaped deep narrow model, split 8 ways
+
 SmolLM2-135M has 9 attention heads and 3 key/value heads, so TP=2 cannot split it (refused before any
 actor starts); TP=3 is its smallest tensor-parallel size. On CPU the ranks talk over gloo (TCP on one host).
+
+`--deep` builds a model shaped like Llama-3.1-405B at scaled width (126 layers, hidden 256 = 16,384 / 64,
+MLP 832 in the same 3.25 ratio, 16 heads over 2 key/value heads, SmolLM2's 49,152-token vocabulary, random
+weights: 124M parameters) and runs it unsharded, as 8 pipeline stages, and as 4 stages x TP 2, each row's
+top-k checked against the unsharded replica's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -39,7 +49,7 @@ def measure(
     )
     try:
         info = ray.get(teacher.info())
-        ray.get(teacher.submit_topk(-1, batches[0], 64))  # warm-up
+        first = ray.get(teacher.submit_topk(-1, batches[0], 64))  # warm-up; compared across rows
         start, pending = time.perf_counter(), []
         for i, batch in enumerate(batches):
             pending.append(teacher.submit_topk(i, batch, 64))
@@ -58,6 +68,7 @@ def measure(
         "stages": stages,
         "actors": stages * tp,
         "tokens_per_s": round(tokens / elapsed, 1),
+        "first_reply": first,
         "per_actor": [
             {
                 "stage": s,
@@ -70,6 +81,27 @@ def measure(
             for (s, r), m in zip(ranks, memory, strict=True)
         ],
     }
+
+
+def deep_model() -> Path:
+    """The 405B-shaped deep narrow model of the module docstring, built once under the system temp dir."""
+    from distill.models import smollm2_folder, tiny_llama
+
+    out = Path(tempfile.gettempdir()) / "distill-bench-deep-126"
+    if not (out / "model.safetensors").is_file():
+        tiny_llama(
+            out,
+            vocab_size=49152,
+            hidden_size=256,
+            num_layers=126,
+            num_heads=16,
+            num_kv_heads=2,
+            intermediate_size=832,
+            max_position_embeddings=4096,
+            tokenizer_dir=smollm2_folder(),
+            initializer_range=0.05,
+        )
+    return out
 
 
 def main() -> None:
@@ -86,7 +118,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--in-flight", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per actor")
+    parser.add_argument("--deep", action="store_true", help="the 405B-shaped deep narrow model, 8 ways")
     args = parser.parse_args()
+    if args.deep:
+        args.model, args.stages, args.tensor_parallel = str(deep_model()), [1, 8, 4], [1, 1, 2]
+        pairs = list(zip(args.tensor_parallel, args.stages, strict=True))
+    else:
+        pairs = [(tp, stages) for tp in args.tensor_parallel for stages in args.stages]
     folder = resolve_model(args.model)
     model_dir, vocab = str(folder), json.loads((folder / "config.json").read_text())["vocab_size"]
     rng = np.random.default_rng(0)
@@ -95,23 +133,18 @@ def main() -> None:
         for _ in range(args.batches)
     ]
     connect_ray(None)
-    rows = [
-        measure(model_dir, stages, tp, batches, args.in_flight, args.threads)
-        for tp in args.tensor_parallel
-        for stages in args.stages
-    ]
-    base = rows[0]["tokens_per_s"]
+    rows = [measure(model_dir, stages, tp, batches, args.in_flight, args.threads) for tp, stages in pairs]
+    base, reference = rows[0]["tokens_per_s"], rows[0]["first_reply"]
     for row in rows:
         row["throughput_vs_first"] = round(row["tokens_per_s"] / base, 2)
+        reply = row.pop("first_reply")  # the first batch's top-k against the first row's (unsharded)
+        row["top1_equal_to_first"] = float((reply.indices[..., 0] == reference.indices[..., 0]).mean())
+        row["max_abs_diff_to_first"] = float(np.abs(reply.values - reference.values).max())
     print(
         json.dumps(
             {
                 "benchmark": "pipeline_teacher",
-                "command": "python benchmarks/pipeline.py "
-                + " ".join(
-                    f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in vars(args).items()
-                ),
+                "command": " ".join(["python", "benchmarks/pipeline.py", *sys.argv[1:]]),
                 "note": "peak_above_runtime_mib = peak RSS (after all forwards) minus RSS after imports, "
                 "before any weight is read; weights_mib = the actor's own tensors (its shards and its "
                 "replicated ones) in fp32; whole tensors are memory-mapped from safetensors, so untouched "
