@@ -15,7 +15,7 @@ demo: install
 	WANDB_MODE=offline $(PYTHON) -m launch.train
 
 test: install
-	WANDB_MODE=offline $(PYTHON) -m pytest -q --durations=30
+	WANDB_MODE=offline $(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=30
 
 lint:
 	ruff check .

@@ -8,14 +8,11 @@ and bytes per token on the stream. Prints one JSON object.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _train import run_train  # benchmarks/_train.py (scripts run with their folder on sys.path)
 
 
 def main(overrides: list[str]) -> dict:
@@ -29,15 +26,7 @@ def main(overrides: list[str]) -> dict:
         *overrides,
         f"run_dir={run_dir}",
     ]
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "launch.train", *settings],
-        cwd=ROOT,
-        check=True,
-        env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-    )
-    wall = time.perf_counter() - start
+    wall = run_train(settings)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "train/tokens_per_s" in r][2:]  # skip warm-up steps
     mean = lambda key: sum(r[key] for r in steps) / len(steps)  # noqa: E731

@@ -23,16 +23,14 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _train import run_train  # benchmarks/_train.py (scripts run with their folder on sys.path)
 
-ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 49152
 KEEP = [0, 1, 2, 3, 26, 27, 28, 29]
 CONFIGS = {  # name: (overrides, bytes per token on the stream)
@@ -69,15 +67,7 @@ def train(name: str, overrides: list[str], args, work: Path) -> Path:
         *overrides,
         f"run_dir={run_dir}",
     ]
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "launch.train", *settings],
-        cwd=ROOT,
-        check=True,
-        env={**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-    )
-    print(f"{name}: trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"{name}: trained in {run_train(settings):.0f} s", file=sys.stderr)
     return run_dir
 
 

@@ -117,6 +117,19 @@ def test_online_distillation_end_to_end(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["after"]["kl"] == evals[-1]["eval/kl"] and summary["student"] == str(run_dir / "student")
     assert summary["bytes_per_token"] == 16 * (2 + 2)  # fp16 values + uint16 ids, k=16
+    # the capacity plan's stream bytes/token (distill/plan.py) are what the run measured
+    from distill.plan import model_shape, plan
+
+    teacher_shape, student_shape = model_shape(tiny_teacher_dir), model_shape(tiny_student_dir)
+    hardware = dict(
+        gpu_memory_gib=80, usable_fraction=0.9, peak_tflops=989, teacher_mfu=0.4, student_mfu=0.35
+    )
+    planned = plan(
+        teacher_shape, student_shape, seq_len=32, micro_batch=2, teacher_dtype="float32", precision=precision,
+        zero_stage=stage, student_gpus=2, gradient_checkpointing=False, loss_chunk=1024, topk=16,
+        values_dtype="float16", **hardware,
+    )  # fmt: skip
+    assert planned["stream_bytes_per_token"] == summary["bytes_per_token"]
     if stage == 2:
         assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run written"
 

@@ -43,7 +43,6 @@ def test_pipeline_topk_equals_the_unsharded_model(
     model = load_causal_lm(model_dir, dtype="float32").eval()
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
-    ref_values, ref_indices = torch.log_softmax(ref.logits, -1).topk(16, dim=-1)
 
     teacher = PipelineTeacher.start(str(model_dir), stages, dtype="float32", cpus_per_stage=0.5)
     try:
@@ -66,10 +65,18 @@ def test_pipeline_topk_equals_the_unsharded_model(
     assert same.float().mean() >= 0.95  # the draws agree unless a probability moved across one (1e-5)
     values = torch.from_numpy(sampled[0].values.reshape(-1, 10))
     torch.testing.assert_close(values[same], draws[0][same], rtol=0, atol=1e-5)
+    assert_replies_match(out, full, window, ref, model_dir, stages)
+
+
+def assert_replies_match(out, full, window, ref, model_dir, stages: int) -> None:
+    """A replica's answers to the pipeline tests' requests (top-16 request 7 with layers 0 and 2, full
+    log-probs, evaluation's window 9..16) against the unsharded fp32 model's outputs `ref`."""
+    ref_values, ref_indices = torch.log_softmax(ref.logits, -1).topk(16, dim=-1)
     values, indices = out.tensors()
     assert out.request_id == 7
     # the capacity plan's hop bytes per token (distill/plan.py) are what the replica measured: fp32, 4 bytes
-    assert out.hop_bytes == (stages - 1) * ids.size * hop_bytes_per_token(model_shape(model_dir), 4)
+    tokens = ref.logits.shape[0] * ref.logits.shape[1]
+    assert out.hop_bytes == (stages - 1) * tokens * hop_bytes_per_token(model_shape(model_dir), 4)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
@@ -199,7 +206,6 @@ def test_tensor_parallel_topk_equals_the_unsharded_model(stages, ray_runtime, ti
     model = load_causal_lm(tiny_teacher_dir, dtype="float32").eval()
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
-    ref_values, ref_indices = torch.log_softmax(ref.logits, -1).topk(16, dim=-1)
 
     teacher = PipelineTeacher.start(
         str(tiny_teacher_dir),
@@ -230,17 +236,7 @@ def test_tensor_parallel_topk_equals_the_unsharded_model(stages, ray_runtime, ti
     # every sharded weight once over the ranks, every replicated one (embeddings, norms, head) twice
     total = sum(p.numel() for p in model.parameters())
     assert info["parameters"] == total + replicated_parameters(model)
-    values, indices = out.tensors()
-    assert out.request_id == 7
-    assert out.hop_bytes == (stages - 1) * ids.size * model.config.hidden_size * 4
-    assert torch.equal(indices, ref_indices)
-    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(full), torch.log_softmax(ref.logits, -1), rtol=0, atol=1e-5)
-    ref_window = torch.log_softmax(ref.logits[:, 9:17], -1)
-    torch.testing.assert_close(torch.tensor(window), ref_window, rtol=0, atol=1e-5)
-    hidden = out.hidden_tensors()
-    for layer in (0, 2):
-        torch.testing.assert_close(hidden[layer], ref.hidden_states[layer + 1], rtol=0, atol=1e-5)
+    assert_replies_match(out, full, window, ref, tiny_teacher_dir, stages)
 
 
 def test_a_tensor_parallel_replica_generates_what_the_unsharded_model_generates(
