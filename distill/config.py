@@ -247,6 +247,59 @@ class PhaseConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """How the evaluation report measures each model's speed and memory (distill/report/speed.py)."""
+
+    prompt_len: int = 128  # tokens per prompt: the prefill and the prompt generation starts from
+    new_tokens: int = 32  # greedy tokens generated per prompt (>= 2: decode speed is timed between them)
+    batch: int = 1  # prompts at once
+    repeats: int = 5  # timed runs of each measurement (their median is reported)
+    warmup: int = 1  # untimed runs before them
+    seed: int = 0  # of the random prompt ids
+    threads: int | None = None  # CPU: torch intra-op threads while measuring (None: torch's default)
+    # each model measured in a new process: its peak memory is its own (in this process, memory an earlier
+    # model freed can be reused unseen); false saves a process start per model
+    fresh_process: bool = True
+
+
+@dataclass
+class SimilarityConfig:
+    """Output similarity (distill/report/similarity.py): teacher and student generate from the same held-out
+    prompts with the same decoding settings; the student's outputs are scored against the teacher's."""
+
+    enabled: bool = True
+    # a .jsonl (a "prompt" per line) or .txt file of instruction prompts, sent through the chat template;
+    # null: the first `prompt_tokens` tokens of held-out rows, continued as plain text
+    prompts: str | None = None
+    count: int = 16  # prompts (fewer when there are fewer)
+    prompt_tokens: int = 32  # held-out prompts only: tokens of each
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # prompt i draws from its own generator seeded from (seed, i): any batch size, same outputs
+    batch: int = 8
+    judge: str | None = None  # a local causal LM folder (or builtin name) that scores semantic agreement
+
+
+@dataclass
+class ReportConfig:
+    """What the evaluation report measures (`python -m launch.evaluate`, or a training run's end)."""
+
+    # training only: evaluate the exported student against the run's teacher when the run ends, into
+    # <run_dir>/report (launch.evaluate does the same for any list of students)
+    enabled: bool = False
+    sequences: int = 16  # held-out rows of the distribution metrics (fewer when the split has fewer)
+    seq_len: int = 256  # tokens per row
+    # position buckets of the per-position metrics (position t of T: bucket t * buckets // T)
+    buckets: int = 4
+    # rows per forward (fewer when their float64 log-probs exceed EVAL_CHUNK_BYTES)
+    micro_batch: int = 8
+    device: str = "auto"  # auto (the current GPU, else CPU) | cpu | cuda | cuda:<index>
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+
+
+@dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -264,6 +317,7 @@ class DistillConfig:
     ensembles: dict[str, EnsembleConfig] = field(default_factory=dict)
     routing: dict[str, str] = field(default_factory=dict)  # data source name -> teacher or ensemble name
     curriculum: list[PhaseConfig] = field(default_factory=list)  # ordered phases (launch/curriculum.py)
+    report: ReportConfig = field(default_factory=ReportConfig)  # report.enabled: evaluate at the run's end
     run_dir: str | None = None  # None: Hydra's output directory
 
 
@@ -343,6 +397,18 @@ class TokenizeRunConfig:
     verify: bool = False  # instead of tokenising: re-hash every shard against the manifest (parallel)
 
 
+@dataclass
+class EvaluateConfig:
+    """`python -m launch.evaluate`: students against their teacher on held-out text, one report."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the held-out text: this data's held-out split
+    students: list[str] = field(default_factory=list)  # Hugging Face folders (e.g. a run's student/)
+    report_dir: str = MISSING  # metrics.json, report.md and the plots go here
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # the report's tables and plots to W&B
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
 def register_configs() -> None:
     """Register the schema so Hydra type-checks every composed config against it."""
     ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
@@ -350,6 +416,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="cache_schema", node=CacheRunConfig)
     ConfigStore.instance().store(name="plan_schema", node=PlanRunConfig)
     ConfigStore.instance().store(name="tokenize_schema", node=TokenizeRunConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

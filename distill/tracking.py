@@ -40,7 +40,7 @@ class RunLogger:
                 dir=str(run_dir),
                 config=config,
                 resume="allow",
-                id=_wandb_id(run_dir),
+                id=wandb_run_id(run_dir),
             )
 
     def log(self, step: int, metrics: dict) -> None:
@@ -59,7 +59,7 @@ class RunLogger:
             self.wandb.finish()
 
 
-def _wandb_id(run_dir: Path) -> str:
+def wandb_run_id(run_dir: Path) -> str:
     """A stable W&B run id per run directory, so a resumed run continues the same W&B run."""
     id_file = run_dir / "wandb_run_id.txt"
     if id_file.exists():

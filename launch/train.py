@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ from distill.models import (
     vocab_size,
 )
 from distill.placement import GpuSplit, split_gpus, teacher_gpu_demand, visible_gpus
+from distill.report.report import check_run_report, report_training_run
 from distill.rundir import check_start, record_start
 from distill.stream.routing import teacher_configs
 from distill.student import checkpoint
@@ -347,6 +349,7 @@ def local_gpu_split(cfg: DictConfig) -> GpuSplit | None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = run_dir.resolve()
     validate(cfg)
+    check_run_report(cfg)  # report.enabled: its settings and teacher, before anything trains
     gpus = local_gpu_split(cfg)  # too few GPUs: refused before the data is prepared or a model loads
     prepared = prepare(cfg, run_dir)
     if cfg.teacher.source in ("none", "cached"):  # no Ray, no teacher: plain cross-entropy, or a cache
@@ -479,6 +482,9 @@ def main(cfg: DictConfig) -> dict:
             raise
         fail(e, 1)
     print_summary(summary)
+    if cfg.report.enabled and summary.get("student"):  # the exported student against the teacher
+        command = shlex.join(["python", "-m", "launch.train", *sys.argv[1:]])
+        print(f"report: {report_training_run(cfg, run_dir.resolve(), command)}")
     return summary
 
 
